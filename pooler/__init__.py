@@ -1,0 +1,1 @@
+"""Backend connections to PostgreSQL and the pools that hold them. Never imports router or parser."""

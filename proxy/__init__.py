@@ -1,0 +1,1 @@
+"""pgshard front end: listener, client sessions, protocol codec, CLI."""

@@ -1,0 +1,1 @@
+"""Topology and placement: sharding functions, virtual shards, routing decisions, cross-shard execution."""
