@@ -1,1 +1,1 @@
-"""SQL analysis: statement kinds, tables, shard-key values, fan-out rewrites. Knows SQL, not sockets or topology."""
+"""SQL analysis: statement kinds, tables, shard-key values, fan-out rewrites. Knows SQL, not sockets."""

@@ -1,0 +1,162 @@
+"""What a statement does to session state, so transaction pooling can track and replay it.
+
+PostgreSQL reports only a few parameters back (ParameterStatus, protocol 55.2.7), so a pooler that
+wants SET to survive a change of server connection must read the SET itself, as PgBouncer's
+`track_extra_parameters` and PgDog do. Statements whose state cannot be replayed elsewhere pin the
+client to its server connection (DESIGN.md, "Session state in transaction pooling").
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import Enum
+
+from parser.statements import leading_words, split_statements
+
+
+class Effect(Enum):
+    NONE = "none"
+    SET = "set"  # key = parameter, statement = the SET to replay
+    RESET = "reset"  # key = parameter
+    RESET_ALL = "reset_all"
+    DISCARD_ALL = "discard_all"  # resets parameters and prepared statements
+    DEALLOCATE = "deallocate"  # key = statement name, or None for ALL
+    PIN = "pin"  # key = the reason, shown to operators
+    BEGIN = "begin"  # multi-statement transaction block opens
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEffect:
+    effect: Effect
+    key: str | None = None
+    statement: str | None = None
+
+
+NO_EFFECT = SessionEffect(Effect.NONE)
+
+_SET = re.compile(
+    r"^SET\s+(?:(SESSION|LOCAL)\s+)?(?!SESSION\b|LOCAL\b)"
+    r"(TIME\s+ZONE|SCHEMA|NAMES|XML\s+OPTION|(?:\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z_0-9$]*)"
+    r"(?:\.(?:\"(?:[^\"]|\"\")+\"|[A-Za-z_][A-Za-z_0-9$]*))*)"
+    r"(\s*(?:=|\bTO\b)\s*.*|\s+.*)?$",
+    re.IGNORECASE | re.DOTALL,
+)
+_RESET = re.compile(r"^RESET\s+(ALL|TIME\s+ZONE|[\"A-Za-z_][^\s;]*)\s*$", re.IGNORECASE)
+_DEALLOCATE = re.compile(r"^DEALLOCATE\s+(?:PREPARE\s+)?(ALL|\"(?:[^\"]|\"\")+\"|[^\s;]+)\s*$", re.IGNORECASE)
+_SESSION_FUNCTION = re.compile(rb"set_config|pg_(?:try_)?advisory_lock", re.IGNORECASE)
+_SET_CONFIG_LITERAL = re.compile(
+    r"set_config\s*\(\s*'((?:[^']|'')*)'\s*,\s*'((?:[^']|'')*)'\s*,\s*(false|true)\s*\)", re.IGNORECASE
+)
+_SPECIAL_NAMES = {
+    "TIME ZONE": "timezone",
+    "SCHEMA": "search_path",
+    "NAMES": "client_encoding",
+    "XML OPTION": "xmloption",
+}
+_PIN_REASONS = {
+    "LISTEN": "LISTEN",
+    "PREPARE": "SQL PREPARE",
+    "LOAD": "LOAD",
+}
+
+
+def mentions_session_function(sql: bytes | bytearray | memoryview) -> bool:
+    """Cheap pre-check for set_config(...) and session advisory locks inside an ordinary query."""
+    return _SESSION_FUNCTION.search(sql) is not None
+
+
+def _param_key(raw: str) -> str:
+    raw = " ".join(raw.split())
+    special = _SPECIAL_NAMES.get(raw.upper())
+    if special:
+        return special
+    parts = [p[1:-1].replace('""', '"') if p.startswith('"') else p.lower() for p in raw.split(".")]
+    return ".".join(parts)
+
+
+def quote_literal(value: str) -> str:
+    """A string literal PostgreSQL reads back as `value` whatever standard_conforming_strings says."""
+    if "\\" in value:
+        return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+def set_statement(key: str, value: str) -> str:
+    """The statement that sets parameter `key` to the text `value` (startup parameters, set_config)."""
+    return f"SET {quote_ident(key)} = {quote_literal(value)}"
+
+
+def analyse_statement(stmt: str) -> SessionEffect:
+    """The session effect of one statement (no trailing semicolon)."""
+    first, second, third = leading_words(stmt)
+    if first == "SET":
+        if second in ("ROLE", "SESSION") and (second == "ROLE" or third == "AUTHORIZATION"):
+            return SessionEffect(Effect.PIN, f"SET {second}")
+        if second in ("TRANSACTION", "CONSTRAINTS") or (second == "SESSION" and third == "CHARACTERISTICS"):
+            if second == "SESSION":
+                return SessionEffect(Effect.SET, "session characteristics", stmt)
+            return NO_EFFECT
+        m = _SET.match(stmt.strip().rstrip(";"))
+        if not m:
+            return NO_EFFECT
+        if (m.group(1) or "").upper() == "LOCAL":
+            return NO_EFFECT
+        key = _param_key(m.group(2))
+        if key == "role" or key == "session_authorization":
+            return SessionEffect(Effect.PIN, "SET ROLE")
+        return SessionEffect(Effect.SET, key, stmt.strip().rstrip(";"))
+    if first == "RESET":
+        m = _RESET.match(stmt.strip().rstrip(";"))
+        if not m:
+            return NO_EFFECT
+        if m.group(1).upper() == "ALL":
+            return SessionEffect(Effect.RESET_ALL)
+        return SessionEffect(Effect.RESET, _param_key(m.group(1)))
+    if first == "DISCARD":
+        if second == "ALL":
+            return SessionEffect(Effect.DISCARD_ALL)
+        if second in ("TEMP", "TEMPORARY"):
+            return NO_EFFECT
+        if second == "PLANS":
+            return NO_EFFECT
+        return NO_EFFECT
+    if first == "DEALLOCATE":
+        m = _DEALLOCATE.match(stmt.strip().rstrip(";"))
+        if m:
+            name = m.group(1)
+            if name.upper() == "ALL":
+                return SessionEffect(Effect.DEALLOCATE, None)
+            return SessionEffect(Effect.DEALLOCATE, name[1:-1] if name.startswith('"') else name.lower())
+        return NO_EFFECT
+    if first in ("BEGIN", "START"):
+        return SessionEffect(Effect.BEGIN)
+    if first in _PIN_REASONS:
+        return SessionEffect(Effect.PIN, _PIN_REASONS[first])
+    if first == "CREATE" and (
+        second in ("TEMP", "TEMPORARY") or (second in ("GLOBAL", "LOCAL") and third in ("TEMP", "TEMPORARY"))
+    ):
+        return SessionEffect(Effect.PIN, "temporary table")
+    if first == "DECLARE" and re.search(r"\bWITH\s+HOLD\b", stmt, re.IGNORECASE):
+        return SessionEffect(Effect.PIN, "cursor WITH HOLD")
+    if first in ("SELECT", "WITH", "VALUES", "CALL", "DO") and mentions_session_function(stmt.encode()):
+        if re.search(r"pg_(?:try_)?advisory_lock", stmt, re.IGNORECASE):
+            return SessionEffect(Effect.PIN, "session advisory lock")
+        m = _SET_CONFIG_LITERAL.search(stmt)
+        if m and m.group(3).lower() == "true":
+            return NO_EFFECT
+        if m:
+            key = _param_key(m.group(1).replace("''", "'"))
+            return SessionEffect(Effect.SET, key, set_statement(key, m.group(2).replace("''", "'")))
+        return SessionEffect(Effect.PIN, "set_config with computed arguments")
+    return NO_EFFECT
+
+
+def analyse_query(sql: str) -> list[SessionEffect]:
+    """Session effects of every statement of a (possibly multi-statement) query, in order."""
+    effects = [analyse_statement(s) for s in split_statements(sql)]
+    return [e for e in effects if e.effect is not Effect.NONE]

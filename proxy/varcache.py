@@ -1,0 +1,97 @@
+"""A client's session parameters, kept by pgshard so that transaction pooling never loses or leaks them.
+
+Each client has the state it would have on a dedicated server: its start-up parameters plus every
+SET that took effect. A server connection carries the state of whoever used it last; before a
+client's bytes reach it, `replay_sql` gives the statements that turn one into the other (a diff, so
+a server already in the right state costs nothing). SET LOCAL, and SETs in a transaction or an
+implicit transaction that rolls back, are not kept, as in PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from parser.session_statements import Effect, SessionEffect, quote_ident, set_statement
+from proxy.protocol.startup import options_settings
+
+# Start-up parameters that are not settings (protocol 55.7, StartupMessage).
+_NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+_RESET_SESSION_CHARACTERISTICS = (
+    "RESET default_transaction_isolation; RESET default_transaction_read_only; "
+    "RESET default_transaction_deferrable"
+)
+
+
+def startup_settings(params: dict[str, str]) -> dict[str, str]:
+    """The settings a client asked for at start-up, as parameter -> SET statement."""
+    settings = {
+        k.lower(): v for k, v in params.items() if k not in _NOT_SETTINGS and not k.startswith("_pq_.")
+    }
+    if params.get("options"):
+        settings.update(options_settings(params["options"]))
+    return {key: set_statement(key, value) for key, value in settings.items()}
+
+
+def reset_statement(key: str) -> str:
+    if key == "session characteristics":
+        return _RESET_SESSION_CHARACTERISTICS
+    return f"RESET {quote_ident(key)}"
+
+
+class SessionState:
+    """What one client has SET, and the SETs still waiting to see whether their transaction commits."""
+
+    __slots__ = ("baseline", "params", "pending", "tx_pending")
+
+    def __init__(self, startup: dict[str, str]) -> None:
+        self.baseline = startup_settings(startup)
+        self.params: dict[str, str] = dict(self.baseline)
+        self.pending: list[SessionEffect] = []  # sent, not yet answered by ReadyForQuery
+        self.tx_pending: list[SessionEffect] = []  # succeeded inside a transaction block still open
+
+    def note(self, effect: SessionEffect) -> None:
+        """A statement with a session effect was sent to the server."""
+        self.pending.append(effect)
+
+    def on_ready(self, status: int, failed: bool, tx_outcome: bool | None) -> None:
+        """ReadyForQuery arrived: keep, defer or drop what was pending.
+
+        `failed`: an ErrorResponse came since the statements were sent (their implicit transaction
+        rolled back). `tx_outcome`: True if a COMMIT, False if a ROLLBACK completed meanwhile.
+        """
+        if tx_outcome is not None and self.tx_pending:
+            if tx_outcome:
+                self._apply(self.tx_pending)
+            self.tx_pending = []
+        pending, self.pending = self.pending, []
+        if not pending or failed:
+            if status == 0x45:  # 'E': the block failed; what it set is gone
+                self.tx_pending = []
+            return
+        if status == 0x49:  # 'I'
+            self._apply(pending)
+        elif status == 0x54:  # 'T'
+            self.tx_pending.extend(pending)
+        else:
+            self.tx_pending = []
+
+    def _apply(self, effects: list[SessionEffect]) -> None:
+        params = dict(self.params)  # a new dict: servers compare by identity first
+        for e in effects:
+            if e.effect is Effect.SET and e.key is not None and e.statement is not None:
+                params[e.key] = e.statement
+            elif e.effect is Effect.RESET and e.key is not None:
+                if e.key in self.baseline:
+                    params[e.key] = self.baseline[e.key]
+                else:
+                    params.pop(e.key, None)
+            elif e.effect in (Effect.RESET_ALL, Effect.DISCARD_ALL):
+                params = dict(self.baseline)
+        self.params = params
+
+    def replay_sql(self, server_state: dict[str, str]) -> str | None:
+        """Statements that bring a server carrying `server_state` to this client's state, or None."""
+        params = self.params
+        if server_state is params or server_state == params:
+            return None
+        statements = [stmt for key, stmt in params.items() if server_state.get(key) != stmt]
+        statements += [reset_statement(key) for key in server_state if key not in params]
+        return "; ".join(statements) if statements else None
