@@ -5,12 +5,17 @@ from __future__ import annotations
 from parser.session_statements import analyse_statement
 from proxy.varcache import SessionState, startup_settings
 
-I, T, E = 0x49, 0x54, 0x45
+IDLE, IN_TX = 0x49, 0x54
 
 
 def test_startup_parameters_and_options_become_settings() -> None:
     settings = startup_settings(
-        {"user": "app", "database": "app", "application_name": "psql", "options": "-c search_path=foo --work_mem=8MB"}
+        {
+            "user": "app",
+            "database": "app",
+            "application_name": "psql",
+            "options": "-c search_path=foo --work_mem=8MB",
+        }
     )
     assert set(settings) == {"application_name", "search_path", "work_mem"}
     assert settings["search_path"] == "SET \"search_path\" = 'foo'"
@@ -20,31 +25,31 @@ def test_a_set_outside_a_transaction_is_kept_once_it_succeeds() -> None:
     state = SessionState({"user": "app"})
     state.note(analyse_statement("SET search_path = x"))
     assert "search_path" not in state.params
-    state.on_ready(I, failed=False, tx_outcome=None)
+    state.on_ready(IDLE, failed=False, tx_outcome=None)
     assert state.params["search_path"] == "SET search_path = x"
 
 
 def test_a_failed_set_is_not_kept() -> None:
     state = SessionState({"user": "app"})
     state.note(analyse_statement("SET search_path = x"))
-    state.on_ready(I, failed=True, tx_outcome=None)
+    state.on_ready(IDLE, failed=True, tx_outcome=None)
     assert "search_path" not in state.params
 
 
 def test_a_set_in_a_transaction_waits_for_commit() -> None:
     state = SessionState({"user": "app"})
     state.note(analyse_statement("SET work_mem = '8MB'"))
-    state.on_ready(T, failed=False, tx_outcome=None)
+    state.on_ready(IN_TX, failed=False, tx_outcome=None)
     assert "work_mem" not in state.params
-    state.on_ready(I, failed=False, tx_outcome=True)
+    state.on_ready(IDLE, failed=False, tx_outcome=True)
     assert "work_mem" in state.params
 
 
 def test_a_set_in_a_transaction_that_rolls_back_is_dropped() -> None:
     state = SessionState({"user": "app"})
     state.note(analyse_statement("SET work_mem = '8MB'"))
-    state.on_ready(T, failed=False, tx_outcome=None)
-    state.on_ready(I, failed=False, tx_outcome=False)
+    state.on_ready(IN_TX, failed=False, tx_outcome=None)
+    state.on_ready(IDLE, failed=False, tx_outcome=False)
     assert "work_mem" not in state.params
     assert not state.tx_pending
 
@@ -53,9 +58,9 @@ def test_reset_returns_to_the_startup_value() -> None:
     state = SessionState({"user": "app", "application_name": "psql"})
     state.note(analyse_statement("SET application_name = 'other'"))
     state.note(analyse_statement("SET work_mem = '8MB'"))
-    state.on_ready(I, failed=False, tx_outcome=None)
+    state.on_ready(IDLE, failed=False, tx_outcome=None)
     state.note(analyse_statement("RESET ALL"))
-    state.on_ready(I, failed=False, tx_outcome=None)
+    state.on_ready(IDLE, failed=False, tx_outcome=None)
     assert state.params == state.baseline
 
 

@@ -1,0 +1,734 @@
+"""One client connection: start-up, login, then the relay between the client and a pooled server.
+
+The relay is the hot path (DESIGN.md, "Measured facts"): asyncio.Protocol callbacks, bytes written
+to the peer's transport in one call per chunk, and only message headers looked at. Bodies are read
+for the few messages that decide something: Query (session state), Parse/Bind/Describe/Close of
+named statements (renamed per server connection), ReadyForQuery (when the server goes back to the
+pool), ParseComplete/CloseComplete of messages pgshard itself added (dropped on the way back).
+
+A server connection is linked to the client from the first message of a transaction to the
+ReadyForQuery 'I' that answers the client's last outstanding Sync (transaction pooling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING
+
+from parser.session_statements import Effect, analyse_query, mentions_session_function
+from parser.statements import has_more_statements, leading_keyword
+from pooler.background import spawn
+from pooler.pool import Pool
+from pooler.server_connection import ServerConnection, ServerError, send_cancel
+from proxy import prepared
+from proxy.log import log
+from proxy.login import LoginFailed, authenticate
+from proxy.protocol import backend, frontend
+from proxy.protocol.errors import ProtocolError
+from proxy.protocol.framing import startup_packet_length
+from proxy.varcache import SessionState
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyApp
+
+_from_bytes = int.from_bytes
+
+# Message types (protocol 55.7).
+_Q, _P, _B, _D, _C, _S, _F, _X, _H, _E = b"QPBDCSFXHE"
+_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _ERROR, _COMMAND_COMPLETE = b"Z13EC"
+_SYNCING = frozenset((_S, _F))  # answered by exactly one ReadyForQuery each (as is Query)
+
+# Leading keywords whose statements may change session state, pin the client or open a block.
+_SESSION_KEYWORDS = frozenset(
+    b"SET RESET DISCARD DEALLOCATE LISTEN PREPARE CREATE DECLARE LOAD BEGIN START".split()
+)
+_FUNCTION_KEYWORDS = frozenset(b"SELECT WITH VALUES CALL".split())
+
+_STARTUP, _AUTH, _READY, _CLOSED = range(4)
+_HIGH_WATER = 256 * 1024  # client bytes buffered while waiting for a server before reads pause
+
+
+class ClientSession(asyncio.Protocol):
+    """The proxy side of one client: its own state, and the server connection it holds right now."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.transport: asyncio.Transport | None = None
+        self.phase = _STARTUP
+        self.buf = bytearray()
+        self.peer = "?"
+        self.user = ""
+        self.database = ""
+        self.pid = 0
+        self.secret = 0
+        self.pool: Pool | None = None
+        self.server: ServerConnection | None = None
+        self.state: SessionState | None = None
+        self.statements: dict[bytes, prepared.PreparedStatement] = {}
+        self.pinned: str | None = None
+        self.mode = "transaction"
+        self.max_message = app.config.general.max_message_length
+        self.max_prepared = app.config.general.max_prepared_statements
+        # Sync accounting: a server goes back to the pool only when every Sync/Query sent is answered.
+        self.sent_syncs = 0
+        self.done_syncs = 0
+        self.unsynced = False  # extended-protocol messages sent since the last Sync
+        self.status = 0x49  # last transaction status from ReadyForQuery
+        # Responses to drop: (sync group, drop?, server statement name or b"") per Parse and Close sent.
+        self.parse_q: deque[tuple[int, bool, bytes]] = deque()
+        self.close_q: deque[tuple[int, bool]] = deque()
+        self.skip_replies = 0  # ReadyForQuery-terminated replies of our own replay queries to drop
+        self.srv_skip = 0  # bytes of a message that continues in the next chunk
+        self.srv_skip_drop = False
+        self.srv_carry = b""  # a header or a message we must see whole, split across chunks
+        self.failed = False  # an ErrorResponse arrived since the last ReadyForQuery
+        self.tx_outcome: bool | None = None
+        self.tracking_tags = False
+        self.discard_until_sync = False
+        self.waiting: asyncio.Task[None] | None = None
+        self._reader_waiter: asyncio.Future[None] | None = None
+        self.login_task: asyncio.Task[None] | None = None
+        self.client_paused = False
+
+    # asyncio.Protocol: the client side ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "unix")
+        self.app.client_connected(self)
+        self.login_task = spawn(self._login_with_timeout())
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == _READY:
+            if self.buf:
+                self.buf += data
+                data = bytes(self.buf)
+                self.buf.clear()
+            try:
+                self._from_client(data)
+            except ProtocolError as exc:
+                self.fatal(exc.sqlstate, exc.message)
+            return
+        if self.phase == _CLOSED:
+            return
+        self.buf += data
+        waiter = self._reader_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase == _CLOSED:
+            return
+        self.phase = _CLOSED
+        waiter = self._reader_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+        if self.login_task is not None and not self.login_task.done():
+            self.login_task.cancel()
+        if self.waiting is not None:
+            self.waiting.cancel()
+        self.app.client_disconnected(self)
+        server = self.server
+        if server is not None:
+            self.server = None
+            server.sink = None
+            spawn(self._clean_up_server(server))
+
+    def pause_writing(self) -> None:  # the client reads slowly: stop reading from its server
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def pause_client(self) -> None:
+        if self.transport is not None and not self.client_paused:
+            self.client_paused = True
+            self.transport.pause_reading()
+
+    def resume_client(self) -> None:
+        if self.transport is not None and self.client_paused:
+            self.client_paused = False
+            self.transport.resume_reading()
+
+    # errors to the client ---------------------------------------------------------------------------
+    def fatal(self, sqlstate: str, message: str) -> None:
+        """Tell this client what went wrong and close it; nothing else is affected."""
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(backend.error_response(sqlstate, message, severity="FATAL"))
+            self.transport.close()
+        log.info("client closed", peer=self.peer, user=self.user, sqlstate=sqlstate, reason=message)
+
+    # start-up and login ------------------------------------------------------------------------------
+    async def _read_startup(self) -> bytes:
+        while True:
+            size = startup_packet_length(self.buf)
+            if size and len(self.buf) >= size:
+                packet = bytes(self.buf[:size])
+                del self.buf[:size]
+                return packet
+            await self._wait_for_client()
+
+    async def read_message(self) -> tuple[int, bytes]:
+        """The next whole client message during login."""
+        while True:
+            if len(self.buf) >= 5:
+                length = _from_bytes(self.buf[1:5], "big")
+                if length < 4 or length > 65536:
+                    raise ProtocolError(f"invalid message length {length} during authentication")
+                if len(self.buf) >= length + 1:
+                    msg_type = self.buf[0]
+                    body = bytes(self.buf[5 : length + 1])
+                    del self.buf[: length + 1]
+                    return msg_type, body
+            await self._wait_for_client()
+
+    async def _wait_for_client(self) -> None:
+        if self.phase == _CLOSED:
+            raise ConnectionResetError("client went away")
+        self._reader_waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._reader_waiter
+        finally:
+            self._reader_waiter = None
+        if self.phase == _CLOSED:
+            raise ConnectionResetError("client went away")
+
+    async def _login_with_timeout(self) -> None:
+        try:
+            await asyncio.wait_for(self._login(), self.app.config.general.login_timeout)
+        except TimeoutError:
+            self.fatal("08006", "login timeout: the client did not complete authentication in time")
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except LoginFailed as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except ServerError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+
+    async def _login(self) -> None:
+        assert self.transport is not None
+        while True:
+            message = frontend.decode_startup(await self._read_startup())
+            if isinstance(message, frontend.SSLRequest):
+                if self.buf:
+                    # Bytes behind an SSLRequest would be read as if encrypted (CVE-2021-23214).
+                    raise ProtocolError("received unencrypted data after SSL request")
+                if self.app.ssl_context is None:
+                    self.transport.write(b"N")
+                    continue
+                self.transport.write(b"S")
+                loop = asyncio.get_running_loop()
+                new_transport = await loop.start_tls(
+                    self.transport, self, self.app.ssl_context, server_side=True
+                )
+                assert new_transport is not None
+                self.transport = new_transport
+                continue
+            if isinstance(message, frontend.GSSENCRequest):
+                if self.buf:
+                    raise ProtocolError("received unencrypted data after GSSAPI encryption request")
+                self.transport.write(b"N")
+                continue
+            if isinstance(message, frontend.CancelRequest):
+                self.app.cancel(message.pid, message.secret)
+                self.transport.close()
+                self.phase = _CLOSED
+                self.app.client_disconnected(self)
+                return
+            break
+        assert isinstance(message, frontend.StartupMessage)
+        params = message.params
+        if message.protocol >> 16 != 3:
+            raise ProtocolError(f"unsupported frontend protocol {message.protocol >> 16}", "0A000")
+        self.user = params.get("user", "")
+        self.database = params.get("database") or self.user
+        if not self.user:
+            raise LoginFailed("28000", "no PostgreSQL user name specified in startup packet")
+        if self.app.over_client_limit():
+            raise LoginFailed("53300", "sorry, too many clients already (max_client_conn)")
+        self.phase = _AUTH
+        user = self.app.config.user(self.user)
+        await authenticate(user, self.user, self.read_message, self.transport.write)
+        database = self.app.config.database(self.database)
+        if database is None or user is None:
+            raise LoginFailed("3D000", f'database "{self.database}" does not exist')
+        self.mode = user.pool_mode or self.app.config.general.pool_mode
+        pool = self.app.pool_for(database.name, user.name, database.default_shard)
+        server_parameters = await pool.ensure_parameters()
+        self.pool = pool
+        self.state = SessionState(params)
+        self.pid, self.secret = self.app.register_cancel_key(self)
+        out = [backend.authentication_ok()]
+        reported = dict(server_parameters)
+        for name, value in params.items():
+            if name in reported or name == "application_name":
+                reported[name] = value
+        reported.setdefault("application_name", "")
+        out += [backend.parameter_status(k, v) for k, v in reported.items()]
+        out.append(backend.backend_key_data(self.pid, self.secret))
+        out.append(backend.ready_for_query(b"I"))
+        self.transport.write(b"".join(out))
+        self.phase = _READY
+        log.info("client logged in", peer=self.peer, user=self.user, database=self.database, mode=self.mode)
+        if self.buf:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._from_client(data)
+
+    # client -> server -------------------------------------------------------------------------------
+    def _from_client(self, data: bytes) -> None:
+        server = self.server
+        if server is None:
+            if self.discard_until_sync:
+                data = self._discard_to_sync(data)
+                if not data:
+                    return
+            if self.pool is None:
+                return
+            server = self.pool.try_acquire()
+            if server is None:
+                self.buf += data
+                if self.waiting is None:
+                    self.waiting = spawn(self._wait_for_server())
+                if len(self.buf) > _HIGH_WATER:
+                    self.pause_client()
+                return
+            self._link(server)
+            assert self.server is not None
+        out: list[bytes] = []
+        pos = flushed = 0
+        n = len(data)
+        max_length = self.max_message
+        while n - pos >= 5:
+            msg_type = data[pos]
+            length = _from_bytes(data[pos + 1 : pos + 5], "big")
+            if length < 4 or length > max_length:
+                raise ProtocolError(f"invalid message length {length} for message type {chr(msg_type)!r}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if msg_type in _SYNCING:
+                self.sent_syncs += 1
+                self.unsynced = False
+            elif msg_type == _Q:
+                replacement = self._client_query(data, pos, end)
+                self.sent_syncs += 1
+                if replacement is not None:
+                    out.append(data[flushed:pos])
+                    out.append(replacement)
+                    flushed = end
+            elif msg_type in (_P, _B, _D, _C):
+                self.unsynced = True
+                replacement = self._client_extended(msg_type, data[pos + 5 : end])
+                if replacement is not None:
+                    out.append(data[flushed:pos])
+                    out.append(replacement)
+                    flushed = end
+            elif msg_type == _X:
+                out.append(data[flushed:pos])
+                self._write_server(out)
+                assert self.transport is not None
+                self.transport.close()
+                return
+            else:
+                self.unsynced = True if msg_type in (_E, _H) else self.unsynced
+            pos = end
+        if pos < n:
+            self.buf += data[pos:]
+        if flushed == 0 and pos == n:
+            self.server.transport.write(data)  # type: ignore[union-attr]
+            return
+        out.append(data[flushed:pos])
+        self._write_server(out)
+
+    def _write_server(self, chunks: list[bytes]) -> None:
+        server = self.server
+        if server is not None and server.transport is not None:
+            server.transport.write(b"".join(chunks))
+
+    def _client_query(self, data: bytes, pos: int, end: int) -> bytes | None:
+        """Look at a simple Query for session effects; returns a replacement message or None."""
+        keyword = leading_keyword(data, pos + 5)
+        if not (
+            keyword in _SESSION_KEYWORDS
+            or (keyword in _FUNCTION_KEYWORDS and mentions_session_function(data[pos + 5 : end]))
+            or has_more_statements(data[pos + 5 : end])
+        ):
+            return None
+        try:
+            sql = data[pos + 5 : end - 1].decode()
+        except UnicodeDecodeError:
+            return None  # the server will say what is wrong with it
+        return self._note_effects(sql)
+
+    def _note_effects(self, sql: str) -> bytes | None:
+        assert self.state is not None and self.server is not None
+        replacement: bytes | None = None
+        for effect in analyse_query(sql):
+            kind = effect.effect
+            if kind is Effect.PIN:
+                if self.pinned is None:
+                    self.pinned = effect.key
+                    self.app.pinned_clients += 1
+                    log.info("client pinned to its server connection", peer=self.peer, reason=effect.key)
+            elif kind is Effect.BEGIN:
+                if self.mode == "statement":
+                    replacement = frontend.query(
+                        "DO $pgshard$ BEGIN RAISE EXCEPTION USING ERRCODE = '0A000', MESSAGE = "
+                        "'transaction blocks are not allowed in statement pooling mode'; END $pgshard$"
+                    )
+            elif kind is Effect.DEALLOCATE:
+                if effect.key is None:
+                    self.statements.clear()
+                    self.server.prepared.clear()
+                else:
+                    stmt = self.statements.pop(effect.key.encode(), None)
+                    if stmt is not None:
+                        # The server knows the statement by its shared name; let it say DEALLOCATE.
+                        replacement = self._ensure_prepared(stmt) + frontend.query(
+                            f"DEALLOCATE {stmt.server_name.decode()}"
+                        )
+                        self.server.prepared.pop(stmt.server_name, None)
+            elif kind is Effect.DISCARD_ALL:
+                self.statements.clear()
+                self.server.prepared.clear()
+                self.state.note(effect)
+                self.server.session_state = {}
+            else:
+                self.state.note(effect)
+                self.tracking_tags = True
+        return replacement
+
+    def _client_extended(self, msg_type: int, body: bytes) -> bytes | None:
+        """Rename named statements to their server-side names; add a Parse where the server lacks one."""
+        if msg_type == _B:
+            if body[0] == 0 or body.find(b"\x00\x00") == 0:  # unnamed portal and statement
+                stmt_name = prepared.bind_statement_name(body)
+            else:
+                stmt_name = prepared.bind_statement_name(body)
+            if not stmt_name:
+                return None
+            stmt = self.statements.get(stmt_name)
+            if stmt is None:
+                return None  # the server reports the unknown name
+            return self._ensure_prepared(stmt) + prepared.rename_bind(body, stmt.server_name)
+        if msg_type == _P:
+            if body[0] == 0:  # unnamed statement: passes through, but may SET
+                keyword = leading_keyword(body, 1)
+                if keyword in _SESSION_KEYWORDS or (
+                    keyword in _FUNCTION_KEYWORDS and mentions_session_function(body)
+                ):
+                    self._parse_effects(body[1:])
+                self.parse_q.append((self.sent_syncs, False, b""))
+                return None
+            name, stmt = prepared.prepared_from_parse(body)
+            self.statements[name] = stmt
+            self._parse_effects(stmt.query)
+            server = self.server
+            assert server is not None
+            out = b""
+            if stmt.server_name in server.prepared:
+                # Already there under the shared name: close it first so the client's Parse succeeds.
+                out = prepared.close_statement(stmt.server_name)
+                self.close_q.append((self.sent_syncs, True))
+                del server.prepared[stmt.server_name]
+            return out + self._add_prepared(stmt, dropped=False)
+        if msg_type == _D:
+            if body[0] == 0x53 and body[1] != 0:  # Describe of a named statement
+                stmt = self.statements.get(body[1:-1])
+                if stmt is not None:
+                    return self._ensure_prepared(stmt) + prepared.describe_statement(stmt.server_name)
+            return None
+        # Close
+        if body[0] == 0x53 and body[1] != 0:
+            self.statements.pop(body[1:-1], None)
+            self.close_q.append((self.sent_syncs, False))
+            return prepared.CLOSE_NOTHING
+        self.close_q.append((self.sent_syncs, False))
+        return None
+
+    def _parse_effects(self, query: bytes) -> None:
+        try:
+            sql = query.rstrip(b"\x00").split(b"\x00", 1)[0].decode()
+        except UnicodeDecodeError:
+            return
+        self._note_effects(sql)
+
+    def _ensure_prepared(self, stmt: prepared.PreparedStatement) -> bytes:
+        """The Parse to send before a message that uses `stmt`, if the server does not have it yet."""
+        server = self.server
+        assert server is not None
+        if stmt.server_name in server.prepared:
+            server.prepared.move_to_end(stmt.server_name)
+            return b""
+        return self._add_prepared(stmt, dropped=True)
+
+    def _add_prepared(self, stmt: prepared.PreparedStatement, dropped: bool) -> bytes:
+        server = self.server
+        assert server is not None
+        out = b""
+        if len(server.prepared) >= self.max_prepared:
+            evicted, _ = server.prepared.popitem(last=False)
+            out = prepared.close_statement(evicted)
+            self.close_q.append((self.sent_syncs, True))
+        server.prepared[stmt.server_name] = None
+        self.parse_q.append((self.sent_syncs, dropped, stmt.server_name))
+        return out + stmt.parse_message
+
+    def _discard_to_sync(self, data: bytes) -> bytes:
+        """After a failure to get a server, drop the client's messages up to its Sync, as PostgreSQL does."""
+        pos, n = 0, len(data)
+        while n - pos >= 5:
+            length = _from_bytes(data[pos + 1 : pos + 5], "big")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if data[pos] == _S:
+                self.discard_until_sync = False
+                assert self.transport is not None
+                self.transport.write(backend.ready_for_query(b"I"))
+                return data[end:]
+            pos = end
+        self.buf += data[pos:]
+        return b""
+
+    async def _wait_for_server(self) -> None:
+        assert self.pool is not None
+        try:
+            server = await self.pool.acquire()
+        except ServerError as exc:
+            self.waiting = None
+            self._fail_waiting(exc)
+            return
+        except asyncio.CancelledError:
+            self.waiting = None
+            raise
+        self.waiting = None
+        if self.phase == _CLOSED:
+            self.pool.release(server)
+            return
+        self._link(server)
+        data = bytes(self.buf)
+        self.buf.clear()
+        self.resume_client()
+        try:
+            self._from_client(data)
+        except ProtocolError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+
+    def _fail_waiting(self, exc: ServerError) -> None:
+        """No server: an error for the client's pending request, then back to idle."""
+        assert self.transport is not None
+        data = bytes(self.buf)
+        self.buf.clear()
+        self.resume_client()
+        self.transport.write(backend.error_response(exc.sqlstate, exc.message))
+        if data[:1] == b"Q":
+            end = 1 + _from_bytes(data[1:5], "big")
+            self.transport.write(backend.ready_for_query(b"I"))
+            data = data[end:]
+        else:
+            self.discard_until_sync = True
+        if data:
+            self._from_client(data)
+
+    def _link(self, server: ServerConnection) -> None:
+        """Attach a server for this transaction, bringing its session state to the client's first."""
+        self.server = server
+        server.sink = self
+        pending = server.take_inbox()
+        if pending and self.transport is not None:
+            self.transport.write(pending)
+        assert self.state is not None
+        replay = self.state.replay_sql(server.session_state)
+        if replay is not None:
+            server.session_state = self.state.params
+            self.skip_replies += 1
+            self.sent_syncs += 1
+            assert server.transport is not None
+            server.transport.write(frontend.query(replay))
+
+    # server -> client -------------------------------------------------------------------------------
+    def server_data(self, server: ServerConnection, data: bytes) -> None:
+        if self.srv_carry:
+            data = self.srv_carry + data
+            self.srv_carry = b""
+        n = len(data)
+        pos = 0
+        kept: list[bytes] | None = None
+        out_from = 0
+        if self.srv_skip:
+            step = min(self.srv_skip, n)
+            self.srv_skip -= step
+            if self.srv_skip_drop:
+                out_from = step
+            pos = step
+        release = False
+        while pos < n:
+            if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
+                self.srv_carry = data[pos:]
+                n = pos
+                break
+            msg_type = data[pos]
+            end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+            drop = False
+            if self.skip_replies:
+                drop = True
+                if msg_type == _Z:
+                    self.skip_replies -= 1
+                    self.done_syncs += 1
+                elif msg_type == _ERROR:
+                    log.warning(
+                        "replaying session state failed", peer=self.peer, detail=data[pos + 5 : end][:200]
+                    )
+                    server.session_state = {}
+            elif msg_type == _Z:
+                self.done_syncs += 1
+                self.status = data[pos + 5]
+                self._on_ready(server)
+                if (
+                    self.done_syncs == self.sent_syncs
+                    and self.status == 0x49
+                    and not self.unsynced
+                    and self.pinned is None
+                    and self.mode != "session"
+                ):
+                    release = True
+                    end = min(end, n)
+                    if kept is None:
+                        kept = []
+                    kept.append(data[out_from:end])
+                    out_from = end
+                    pos = end
+                    self._forward(kept, data, out_from, pos)
+                    self._release(server, data[end:])
+                    return
+            elif msg_type == _PARSE_COMPLETE:
+                if self.parse_q:
+                    drop = self.parse_q.popleft()[1]
+            elif msg_type == _CLOSE_COMPLETE:
+                if self.close_q:
+                    drop = self.close_q.popleft()[1]
+            elif msg_type == _ERROR:
+                self.failed = True
+            elif msg_type == _COMMAND_COMPLETE and self.tracking_tags:
+                if end > n:
+                    self.srv_carry = data[pos:]
+                    n = pos
+                    break
+                tag = data[pos + 5 : end - 1]
+                if tag == b"COMMIT":
+                    self.tx_outcome = True
+                elif tag == b"ROLLBACK":
+                    self.tx_outcome = False
+            if drop:
+                if kept is None:
+                    kept = []
+                kept.append(data[out_from:pos])
+                out_from = min(end, n)
+            if end > n:
+                self.srv_skip = end - n
+                self.srv_skip_drop = drop
+                pos = n
+                break
+            pos = end
+        if not release:
+            self._forward(kept, data, out_from, n)
+
+    def _forward(self, kept: list[bytes] | None, data: bytes, out_from: int, upto: int) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        if kept is None:
+            if out_from == 0 and upto == len(data):
+                transport.write(data)
+            elif upto > out_from:
+                transport.write(data[out_from:upto])
+            return
+        kept.append(data[out_from:upto])
+        transport.write(b"".join(kept))
+
+    def _on_ready(self, server: ServerConnection) -> None:
+        """ReadyForQuery: settle session state and forget drop expectations of finished sync groups."""
+        done = self.done_syncs
+        parse_q = self.parse_q
+        while parse_q and parse_q[0][0] < done:
+            _, _, name = parse_q.popleft()
+            if name:  # its Parse never completed (an error skipped it): the server does not have it
+                server.prepared.pop(name, None)
+        close_q = self.close_q
+        while close_q and close_q[0][0] < done:
+            close_q.popleft()
+        state = self.state
+        if state is not None and (state.pending or state.tx_pending):
+            state.on_ready(self.status, self.failed, self.tx_outcome)
+            self.tracking_tags = bool(state.tx_pending)
+        self.failed = False
+        self.tx_outcome = None
+
+    def _release(self, server: ServerConnection, rest: bytes) -> None:
+        """The transaction is over: the server goes back to the pool for the next client."""
+        self.server = None
+        server.sink = None
+        if rest:  # asynchronous messages after ReadyForQuery belong to nobody now
+            pass
+        if self.pool is not None:
+            self.pool.release(server)
+        if self.buf and self.phase == _READY:
+            data = bytes(self.buf)
+            self.buf.clear()
+            self._from_client(data)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        """The server went away under us: the client's transaction is gone; say so and close."""
+        if self.server is server:
+            self.server = None
+            if self.pool is not None:
+                self.pool.discard(server)
+            self.fatal("08006", f"server connection to {server.target.label} was lost")
+
+    # cancel and clean-up ------------------------------------------------------------------------------
+    def cancel_running_query(self) -> None:
+        """Forward a cancel to the server running this client's query, if one is running now."""
+        server = self.server
+        if server is not None and self.done_syncs < self.sent_syncs:
+            spawn(
+                send_cancel(server.target, server.backend_pid, server.backend_secret)
+            )
+
+    async def _clean_up_server(self, server: ServerConnection) -> None:
+        """The client left holding a server: cancel, roll back, reset, then reuse it or close it."""
+        pool = self.pool
+        assert pool is not None
+        pool_is_clean = False
+        try:
+            if self.done_syncs < self.sent_syncs or self.unsynced or self.srv_skip or self.srv_carry:
+                # A query is running or the stream is mid-message: cancel it and drop the connection.
+                await server.cancel_running_query()
+            else:
+                if self.status != 0x49:
+                    await asyncio.wait_for(server.run_simple("ROLLBACK"), 10)
+                if self.pinned is not None or self.mode == "session":
+                    await asyncio.wait_for(server.run_simple("DISCARD ALL"), 10)
+                    server.prepared.clear()
+                    server.session_state = {}
+                pool_is_clean = True
+        except (TimeoutError, ServerError, OSError) as exc:
+            log.warning("server clean-up failed", server=server.target.label, error=str(exc))
+        finally:
+            if self.pinned is not None:
+                self.app.pinned_clients -= 1
+        if pool_is_clean and not server.closed:
+            pool.release(server)
+        else:
+            pool.discard(server)
+
+
+def new_cancel_key() -> tuple[int, int]:
+    return secrets.randbelow(2**31 - 1) + 1, secrets.randbelow(2**31)
