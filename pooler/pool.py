@@ -116,6 +116,7 @@ class Pool:
         self._opening += 1
         try:
             conn = await open_server_connection(self.target, self.settings.connect_timeout)
+            conn.pool = self
         except ServerError as exc:
             self._opening -= 1
             log.warning("server connection failed", pool=self.name, error=exc.message)

@@ -12,7 +12,10 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from pooler.pool import Pool
 
 from proxy.protocol import backend, frontend
 from proxy.protocol.auth import AuthError, ScramClient, md5_password
@@ -45,6 +48,9 @@ class ServerError(Exception):
         self.fields = fields or {}
 
 
+_NO_POOL: Any = None
+
+
 class ServerSink(Protocol):
     """The client session linked to a server connection: it receives the server's bytes as they come."""
 
@@ -58,6 +64,7 @@ class ServerConnection(asyncio.Protocol):
 
     def __init__(self, target: ServerTarget) -> None:
         self.target = target
+        self.pool: Pool = _NO_POOL  # set by the pool that opened it
         self.transport: asyncio.Transport | None = None
         self.sink: ServerSink | None = None
         self.backend_pid = 0

@@ -23,6 +23,7 @@ from proxy.log import log
 
 if TYPE_CHECKING:
     from proxy.session import ClientSession
+    from router.routing import Router
 
 _JANITOR_INTERVAL = 1.0
 
@@ -51,6 +52,7 @@ class ProxyApp:
         self.pinned_clients = 0
         self.cancel_keys: dict[int, ClientSession] = {}
         self.ssl_context = self._ssl_context()
+        self.routers: dict[str, Router | None] = {}
         self.server: asyncio.Server | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -94,6 +96,20 @@ class ProxyApp:
         )
         return Pool(f"{database_name}/{user_name}/shard{shard_index}", target, settings)
 
+    def router_for(self, database_name: str) -> Router | None:
+        """The database's router, or None for a single-shard database: a plain pooler routes nothing."""
+        if database_name not in self.routers:
+            database = self.config.database(database_name)
+            assert database is not None
+            router = None
+            if len(database.shards) > 1:
+                from router.routing import Router
+                from router.topology import Topology
+
+                router = Router(Topology(database))
+            self.routers[database_name] = router
+        return self.routers[database_name]
+
     # clients ----------------------------------------------------------------------------------------
     def client_connected(self, session: ClientSession) -> None:
         self.clients.add(session)
@@ -126,7 +142,7 @@ class ProxyApp:
 
     # serving ----------------------------------------------------------------------------------------
     async def start(self, sock: socket.socket | None = None) -> None:
-        from proxy.session import ClientSession
+        from proxy.routed_session import RoutedSession as ClientSession
 
         general = self.config.general
         raise_open_files_limit(general.max_client_conn * 2 + 1024)

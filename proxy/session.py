@@ -281,6 +281,12 @@ class ClientSession(asyncio.Protocol):
             self.buf.clear()
             self._from_client(data)
 
+    def setup_routing(self, database_name: str, user_name: str) -> None:
+        """A hook for sessions that route (proxy.routed_session)."""
+
+    def drained(self) -> None:
+        """Every Sync sent to the linked server is answered (a hook for proxy.routed_session)."""
+
     # client -> server -------------------------------------------------------------------------------
     def _from_client(self, data: bytes) -> None:
         server = self.server
@@ -346,6 +352,25 @@ class ClientSession(asyncio.Protocol):
             return
         out.append(data[flushed:pos])
         self._write_server(out)
+
+    def _pass_message(self, msg_type: int, message: bytes, out: list[bytes]) -> None:
+        """One client message bound for the linked server: bookkeeping, renaming, and what to send."""
+        if msg_type in _SYNCING:
+            self.sent_syncs += 1
+            self.unsynced = False
+            out.append(message)
+        elif msg_type == _Q:
+            replacement = self._client_query(message, 0, len(message))
+            self.sent_syncs += 1
+            out.append(message if replacement is None else replacement)
+        elif msg_type in (_P, _B, _D, _C):
+            self.unsynced = True
+            replacement = self._client_extended(msg_type, message[5:])
+            out.append(message if replacement is None else replacement)
+        else:
+            if msg_type in (_E, _H):
+                self.unsynced = True
+            out.append(message)
 
     def _write_server(self, chunks: list[bytes]) -> None:
         server = self.server
@@ -570,6 +595,7 @@ class ClientSession(asyncio.Protocol):
                 out_from = step
             pos = step
         release = False
+        drained = False
         while pos < n:
             if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
                 self.srv_carry = data[pos:]
@@ -592,6 +618,7 @@ class ClientSession(asyncio.Protocol):
                 self.done_syncs += 1
                 self.status = data[pos + 5]
                 self._on_ready(server)
+                drained = self.done_syncs == self.sent_syncs
                 if (
                     self.done_syncs == self.sent_syncs
                     and self.status == 0x49
@@ -604,10 +631,9 @@ class ClientSession(asyncio.Protocol):
                     if kept is None:
                         kept = []
                     kept.append(data[out_from:end])
-                    out_from = end
-                    pos = end
-                    self._forward(kept, data, out_from, pos)
-                    self._release(server, data[end:])
+                    # Whatever follows (an asynchronous notice) still belongs to this client.
+                    self._forward(kept, data, end, n)
+                    self._release(server, b"")
                     return
             elif msg_type == _PARSE_COMPLETE:
                 if self.parse_q:
@@ -640,6 +666,8 @@ class ClientSession(asyncio.Protocol):
             pos = end
         if not release:
             self._forward(kept, data, out_from, n)
+            if drained:
+                self.drained()
 
     def _forward(self, kept: list[bytes] | None, data: bytes, out_from: int, upto: int) -> None:
         transport = self.transport
@@ -678,8 +706,7 @@ class ClientSession(asyncio.Protocol):
         server.sink = None
         if rest:  # asynchronous messages after ReadyForQuery belong to nobody now
             pass
-        if self.pool is not None:
-            self.pool.release(server)
+        server.pool.release(server)
         if self.buf and self.phase == _READY:
             data = bytes(self.buf)
             self.buf.clear()
@@ -689,8 +716,7 @@ class ClientSession(asyncio.Protocol):
         """The server went away under us: the client's transaction is gone; say so and close."""
         if self.server is server:
             self.server = None
-            if self.pool is not None:
-                self.pool.discard(server)
+            server.pool.discard(server)
             self.fatal("08006", f"server connection to {server.target.label} was lost")
 
     # cancel and clean-up ------------------------------------------------------------------------------
@@ -698,14 +724,11 @@ class ClientSession(asyncio.Protocol):
         """Forward a cancel to the server running this client's query, if one is running now."""
         server = self.server
         if server is not None and self.done_syncs < self.sent_syncs:
-            spawn(
-                send_cancel(server.target, server.backend_pid, server.backend_secret)
-            )
+            spawn(send_cancel(server.target, server.backend_pid, server.backend_secret))
 
     async def _clean_up_server(self, server: ServerConnection) -> None:
         """The client left holding a server: cancel, roll back, reset, then reuse it or close it."""
-        pool = self.pool
-        assert pool is not None
+        pool = server.pool
         pool_is_clean = False
         try:
             if self.done_syncs < self.sent_syncs or self.unsynced or self.srv_skip or self.srv_carry:

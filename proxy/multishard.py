@@ -1,0 +1,498 @@
+"""Statements and transactions that need more than one shard.
+
+Server connections are taken in shard order, so two fan-outs can never deadlock on the pools. A
+write that touches several shards outside a transaction block runs in a transaction on each and is
+committed only when every shard succeeded. A transaction block that grows to a second shard becomes
+a DistributedTransaction: its BEGIN and savepoints are replayed on each shard that joins, and COMMIT
+commits each shard in turn. That last step is not yet atomic across shards (two-phase commit is
+issue 5); until then a failure between two shards' COMMITs can leave one committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from parser.statements import leading_words
+from pooler.server_connection import ServerConnection, ServerError
+from proxy import prepared
+from proxy.log import log
+from proxy.protocol import backend, frontend
+from router.scatter import frame, merge_replies, scatter
+
+if TYPE_CHECKING:
+    from router.routing import Route
+
+    from proxy.routed_session import RoutedSession
+
+_IDLE, _IN_BLOCK, _FAILED = b"I", b"T", b"E"
+_ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+_P, _B, _D, _E, _C, _H, _S = b"PBDECHS"
+
+
+@dataclass(slots=True)
+class DistributedTransaction:
+    """A client's transaction block open on several shards."""
+
+    begin: list[bytes]  # Query messages (BEGIN, SAVEPOINT ...) to replay on shards that join
+    servers: dict[int, ServerConnection] = field(default_factory=dict)
+    failed: bool = False
+
+
+# server connections ---------------------------------------------------------------------------------
+async def _prepare(session: RoutedSession, server: ServerConnection) -> None:
+    """Bring a server to the client's session state before it runs anything of the client's."""
+    server.take_inbox()
+    assert session.state is not None
+    replay = session.state.replay_sql(server.session_state)
+    if replay is not None:
+        try:
+            await server.run_simple(replay)
+        except ServerError as exc:
+            log.warning("replaying session state failed", server=server.target.label, error=exc.message)
+        server.session_state = session.state.params
+
+
+async def acquire(session: RoutedSession, shards: Sequence[int]) -> dict[int, ServerConnection]:
+    """Server connections for `shards`, taken in shard order."""
+    got: dict[int, ServerConnection] = {}
+    try:
+        for shard in sorted(set(shards)):
+            server = session.parked.pop(shard, None) or await session.pools[shard].acquire()
+            got[shard] = server
+            await _prepare(session, server)
+    except BaseException:
+        release(session, got, broken=True)
+        raise
+    return got
+
+
+def release(session: RoutedSession, servers: dict[int, ServerConnection], broken: bool = False) -> None:
+    for shard, server in servers.items():
+        if broken or server.closed:
+            server.pool.discard(server)
+        elif session.mode == "session" or session.pinned is not None:
+            session.parked[shard] = server
+        else:
+            server.pool.release(server)
+
+
+async def _run_each(servers: dict[int, ServerConnection], sql: str) -> list[ServerError]:
+    """Run one statement of ours on every server; the errors, if any."""
+    results = await asyncio.gather(*(s.run_simple(sql) for s in servers.values()), return_exceptions=True)
+    errors: list[ServerError] = []
+    for result in results:
+        if isinstance(result, ServerError):
+            errors.append(result)
+        elif isinstance(result, BaseException):
+            raise result
+    return errors
+
+
+async def _replay_begin(servers: dict[int, ServerConnection], begin: list[bytes]) -> None:
+    for message in begin:
+        errors = await _run_each(servers, message[5:-1].decode())
+        if errors:
+            raise errors[0]
+
+
+def _reply(session: RoutedSession, body: bytes, status: bytes) -> None:
+    if session.transport is not None and not session.transport.is_closing():
+        session.transport.write(body + backend.ready_for_query(status))
+
+
+def _error_body(error: ServerError) -> bytes:
+    if error.fields:
+        return backend.error_response_from_fields(error.fields)
+    return backend.error_response(error.sqlstate, error.message)
+
+
+def _shards_of(session: RoutedSession, route: Route) -> list[int]:
+    if route.split is not None:
+        return [shard for shard, _ in route.split]
+    if route.all_shards:
+        return list(range(len(session.pools)))
+    return list(route.shards)
+
+
+def _payloads(route: Route, message: bytes, shards: list[int]) -> list[bytes]:
+    if route.split is not None:
+        texts = dict(route.split)
+        return [frontend.query(texts[shard]) for shard in shards]
+    return [message] * len(shards)
+
+
+def _timeout(session: RoutedSession) -> float | None:
+    return session.query_timeout
+
+
+# simple Query ---------------------------------------------------------------------------------------
+async def run_query(session: RoutedSession, route: Route, message: bytes) -> None:
+    """A statement that needs several shards, outside a transaction or as the first of a held block."""
+    unsupported = getattr(route, "unsupported", None)
+    if unsupported:
+        _reply(session, backend.error_response("0A000", unsupported), _FAILED if session.held else _IDLE)
+        if session.held:
+            session.held_failed = True
+        return
+    shards = sorted(set(_shards_of(session, route)))
+    in_block = bool(session.held)
+    atomic = in_block or (route.write and len(shards) > 1)
+    servers = await acquire(session, shards)
+    try:
+        if in_block:
+            await _replay_begin(servers, session.held)
+        elif atomic:
+            errors = await _run_each(servers, "BEGIN")
+            if errors:
+                raise errors[0]
+        payloads = _payloads(route, message, shards)
+        replies = await scatter(list(servers.items()), payloads, 1, _timeout(session))
+    except BaseException:
+        release(session, servers, broken=True)
+        raise
+    body, error = merge_replies(replies)
+    if in_block:
+        session.distributed = DistributedTransaction(
+            begin=session.held, servers=servers, failed=error is not None
+        )
+        session.held = []
+        _reply(session, body, _FAILED if error else _IN_BLOCK)
+        return
+    if atomic:
+        body, error = await _finish_implicit(servers, body, error)
+    release(session, servers)
+    _reply(session, body, _IDLE)
+
+
+async def _finish_implicit(
+    servers: dict[int, ServerConnection], body: bytes, error: dict[str, str] | None
+) -> tuple[bytes, dict[str, str] | None]:
+    """Commit an implicit multi-shard transaction if every shard succeeded, else roll back all."""
+    if error is not None:
+        await _run_each(servers, "ROLLBACK")
+        return body, error
+    errors = await _run_each(servers, "COMMIT")
+    if errors:
+        return _error_body(errors[0]), errors[0].fields
+    return body, None
+
+
+async def grow_and_run(session: RoutedSession, shard: int, messages: list[bytes]) -> None:
+    """The linked server's transaction block needs another shard: it becomes distributed."""
+    server = session.server
+    assert server is not None
+    session.server = None
+    server.sink = None
+    dist = DistributedTransaction(begin=session.block_begin or [frontend.query("BEGIN")])
+    dist.servers[session.shard] = server
+    dist.failed = session.status == _FAILED[0]
+    session.shard = -1
+    session.distributed = dist
+    if messages and messages[0][0] == ord("Q"):
+        for message in messages:
+            await run_query_in_transaction(session, message)
+        return
+    group = [(m[0], m, session._route_of(m)) for m in messages]
+    await run_group(session, group)
+
+
+async def _join(session: RoutedSession, dist: DistributedTransaction, shards: Sequence[int]) -> None:
+    """Shards a distributed transaction has not touched yet: begin there, replaying savepoints."""
+    new = [s for s in shards if s not in dist.servers]
+    if not new:
+        return
+    joined = await acquire(session, new)
+    try:
+        await _replay_begin(joined, dist.begin)
+    except BaseException:
+        release(session, joined, broken=True)
+        raise
+    dist.servers.update(joined)
+    dist.servers = dict(sorted(dist.servers.items()))
+
+
+async def run_query_in_transaction(session: RoutedSession, message: bytes) -> None:
+    dist = session.distributed
+    assert dist is not None and session.router is not None
+    sql = message[5:-1]
+    first, second, _ = leading_words(sql[:64].decode("utf-8", "replace"))
+    if first in ("COMMIT", "END", "ROLLBACK", "ABORT") and second not in ("TO", "PREPARED"):
+        await _end(session, dist, commit=first in ("COMMIT", "END"))
+        return
+    if first in ("SAVEPOINT", "RELEASE") or (first == "ROLLBACK" and second == "TO"):
+        replies = await scatter(
+            list(dist.servers.items()), [message] * len(dist.servers), 1, _timeout(session)
+        )
+        body, error = merge_replies(replies)
+        dist.begin.append(message)
+        if first == "ROLLBACK" and error is None:
+            dist.failed = False
+        dist.failed = dist.failed or error is not None
+        _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
+        return
+    if dist.failed:
+        _reply(session, backend.error_response("25P02", _ABORTED), _FAILED)
+        return
+    route = session.router.route_simple(sql)
+    if route.error is not None:
+        dist.failed = True
+        _reply(session, backend.error_response(*route.error), _FAILED)
+        return
+    unsupported = getattr(route, "unsupported", None)
+    if unsupported:
+        dist.failed = True
+        _reply(session, backend.error_response("0A000", unsupported), _FAILED)
+        return
+    shards = _shards_of(session, route) or [next(iter(dist.servers))]
+    if session.pinned_shard is not None:
+        shards = [session.pinned_shard]
+    await _join(session, dist, shards)
+    targets = [(s, dist.servers[s]) for s in sorted(set(shards))]
+    replies = await scatter(targets, _payloads(route, message, [s for s, _ in targets]), 1, _timeout(session))
+    body, error = merge_replies(replies)
+    dist.failed = error is not None
+    _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
+
+
+async def _end(session: RoutedSession, dist: DistributedTransaction, commit: bool) -> None:
+    """COMMIT or ROLLBACK on every shard of the block, then the connections go back to their pools."""
+    tag = b"COMMIT" if commit and not dist.failed else b"ROLLBACK"
+    errors = await _run_each(dist.servers, tag.decode())
+    session.distributed = None
+    release(session, dist.servers, broken=bool(errors))
+    if errors:
+        _reply(session, _error_body(errors[0]), _IDLE)
+        return
+    _reply(session, frame(ord("C"), tag + b"\x00"), _IDLE)
+
+
+# extended protocol ----------------------------------------------------------------------------------
+async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route | None]]) -> None:
+    """An extended-protocol group whose Binds route to several shards, or inside a distributed block.
+
+    Each Bind (with its Execute and portal Describe) goes to its shards; Parse, statement Describe
+    and Close go to every shard involved. Replies are merged in the client's message order.
+    """
+    dist = session.distributed
+    default = next(iter(dist.servers)) if dist is not None else session.default_shard
+    n_shards = len(session.pools)
+    plan: list[tuple[int, bytes, tuple[int, ...] | None]] = []
+    current: tuple[int, ...] = (default,)
+    write = False
+    for msg_type, message, route in group:
+        shards: tuple[int, ...] | None = None
+        if msg_type == _B:
+            if route is not None and route.error is not None:
+                _reply_group_error(session, route.error)
+                return
+            if route is not None and getattr(route, "unsupported", None):
+                _reply_group_error(session, ("0A000", route.unsupported))  # type: ignore[attr-defined]
+                return
+            if session.pinned_shard is not None:
+                current = (session.pinned_shard,)
+            elif route is not None and (route.all_shards or route.shards):
+                current = tuple(range(n_shards)) if route.all_shards else tuple(sorted(set(route.shards)))
+                write = write or route.write
+            else:
+                current = (default,)
+            shards = current
+        elif msg_type == _E or (msg_type == _D and message[5] == ord("P")):
+            shards = current
+        plan.append((msg_type, message, shards))
+    involved = sorted({s for _, _, shards in plan if shards for s in shards} or {default})
+    in_block = dist is not None or bool(session.held)
+    if dist is None and session.held:
+        dist = DistributedTransaction(begin=session.held)
+        session.held = []
+        session.distributed = dist
+    if dist is not None:
+        if dist.failed:
+            _reply_group_error(session, ("25P02", _ABORTED))
+            return
+        await _join(session, dist, involved)
+        servers = {s: dist.servers[s] for s in involved}
+    else:
+        servers = await acquire(session, involved)
+    atomic = dist is None and write and len(involved) > 1
+    try:
+        if atomic:
+            errors = await _run_each(servers, "BEGIN")
+            if errors:
+                raise errors[0]
+        payloads, skips = _group_payloads(session, plan, servers)
+        replies = await _gather_streams(servers, payloads, _timeout(session))
+    except BaseException:
+        if dist is None:
+            release(session, servers, broken=True)
+        raise
+    body, failed = _merge_group(plan, replies, skips)
+    if dist is not None:
+        dist.failed = failed
+        _reply(session, body, _FAILED if failed else _IN_BLOCK)
+        return
+    if atomic:
+        body, _error = await _finish_implicit(servers, body, {"C": "error"} if failed else None)
+    release(session, servers)
+    _reply(session, body, _IDLE if not in_block else _IN_BLOCK)
+
+
+def _reply_group_error(session: RoutedSession, error: tuple[str, str]) -> None:
+    status = _IDLE
+    if session.distributed is not None:
+        session.distributed.failed = True
+        status = _FAILED
+    _reply(session, backend.error_response(*error), status)
+
+
+def _group_payloads(
+    session: RoutedSession,
+    plan: list[tuple[int, bytes, tuple[int, ...] | None]],
+    servers: dict[int, ServerConnection],
+) -> tuple[dict[int, bytes], dict[int, int]]:
+    """Each shard's messages (statement names renamed, missing statements prepared first) and
+    how many replies at its head answer messages pgshard added."""
+    out: dict[int, list[bytes]] = {s: [] for s in servers}
+    injected: dict[int, list[bytes]] = {s: [] for s in servers}
+    skips: dict[int, int] = dict.fromkeys(servers, 0)
+    for msg_type, message, shards in plan:
+        targets = shards if shards is not None else tuple(servers)
+        body = message[5:]
+        for shard in targets:
+            server = servers[shard]
+            if msg_type == _P and body[0] != 0:
+                name, stmt = prepared.prepared_from_parse(body)
+                session.statements[name] = stmt
+                if stmt.server_name in server.prepared:
+                    injected[shard].append(prepared.close_statement(stmt.server_name))
+                    skips[shard] += 1
+                server.prepared[stmt.server_name] = None
+                out[shard].append(stmt.parse_message)
+            elif msg_type == _B and prepared.bind_statement_name(body):
+                stmt_ = session.statements.get(prepared.bind_statement_name(body))
+                if stmt_ is None:
+                    out[shard].append(message)
+                    continue
+                if stmt_.server_name not in server.prepared:
+                    server.prepared[stmt_.server_name] = None
+                    injected[shard].append(stmt_.parse_message)
+                    skips[shard] += 1
+                out[shard].append(prepared.rename_bind(body, stmt_.server_name))
+            elif msg_type == _D and body[0] == ord("S") and body[1] != 0:
+                stmt_ = session.statements.get(body[1:-1])
+                if stmt_ is not None and stmt_.server_name not in server.prepared:
+                    server.prepared[stmt_.server_name] = None
+                    injected[shard].append(stmt_.parse_message)
+                    skips[shard] += 1
+                out[shard].append(prepared.describe_statement(stmt_.server_name) if stmt_ else message)
+            elif msg_type == _C and body[0] == ord("S") and body[1] != 0:
+                session.statements.pop(body[1:-1], None)
+                out[shard].append(prepared.CLOSE_NOTHING)
+            elif msg_type in (_S, _H):
+                continue
+            else:
+                out[shard].append(message)
+    return {s: b"".join(injected[s] + out[s]) + frontend.SYNC for s in servers}, skips
+
+
+async def _gather_streams(
+    servers: dict[int, ServerConnection], payloads: dict[int, bytes], timeout: float | None
+) -> dict[int, list[tuple[int, bytes]]]:
+    for shard, server in servers.items():
+        server.write(payloads[shard])
+
+    async def read(server: ServerConnection) -> list[tuple[int, bytes]]:
+        messages: list[tuple[int, bytes]] = []
+        while True:
+            msg_type, body = await server.read_message()
+            if msg_type == ord("Z"):
+                return messages
+            messages.append((msg_type, frame(msg_type, body)))
+
+    results = asyncio.gather(*(read(server) for server in servers.values()))
+    try:
+        streams = await asyncio.wait_for(results, timeout) if timeout else await results
+    except TimeoutError:
+        raise ServerError("57014", f"query_timeout: a shard did not answer within {timeout:g}s") from None
+    return dict(zip(servers, streams, strict=True))
+
+
+def _merge_group(
+    plan: list[tuple[int, bytes, tuple[int, ...] | None]],
+    streams: dict[int, list[tuple[int, bytes]]],
+    skips: dict[int, int],
+) -> tuple[bytes, bool]:
+    """Walk the client's messages and take each one's replies from its shards' streams."""
+    cursor = dict(skips)
+    out: list[bytes] = []
+    seen_notices: set[bytes] = set()
+
+    def take(shard: int) -> tuple[int, bytes] | None:
+        stream = streams[shard]
+        while cursor[shard] < len(stream):
+            item = stream[cursor[shard]]
+            cursor[shard] += 1
+            if item[0] in (ord("N"), ord("S"), ord("A")):
+                if item[0] == ord("N") and item[1] not in seen_notices:
+                    seen_notices.add(item[1])
+                    out.append(item[1])
+                continue
+            return item
+        return None
+
+    every = tuple(streams)
+    for msg_type, message, shards in plan:
+        targets = shards if shards is not None else every
+        if msg_type in (_S, _H):
+            continue
+        if msg_type == _E:
+            rows: list[bytes] = []
+            total = 0
+            tag: tuple[bytes, bytes] | None = None
+            for shard in targets:
+                while True:
+                    item = take(shard)
+                    if item is None:
+                        break
+                    if item[0] == _E:
+                        out.append(item[1])
+                        return b"".join(out), True
+                    if item[0] == ord("D"):
+                        rows.append(item[1])
+                        continue
+                    if item[0] == _C:
+                        text = item[1][5:-1]
+                        head, _, last = text.rpartition(b" ")
+                        if last.isdigit():
+                            total += int(last)
+                            tag = (head + b" ", b"")
+                        else:
+                            tag = (text, b"-")
+                    else:
+                        tag = (item[1], b"raw")
+                    break
+            out.extend(rows)
+            if tag is not None:
+                if tag[1] == b"raw":
+                    out.append(tag[0])
+                elif tag[1] == b"-":
+                    out.append(frame(_C, tag[0] + b"\x00"))
+                else:
+                    out.append(frame(_C, tag[0] + str(total).encode() + b"\x00"))
+            continue
+        units = 2 if (msg_type == _D and message[5] == ord("S")) else 1
+        first: list[bytes] = []
+        for index, shard in enumerate(targets):
+            for _ in range(units):
+                item = take(shard)
+                if item is None:
+                    continue
+                if item[0] == _E:
+                    out.append(item[1])
+                    return b"".join(out), True
+                if index == 0:
+                    first.append(item[1])
+        out.extend(first)
+    return b"".join(out), False

@@ -1,0 +1,420 @@
+"""A client session of a sharded database: each statement goes to the shard that holds its rows.
+
+The pass-through relay of `ClientSession` stays the path for anything that runs on one shard: the
+route picks which pool the server connection comes from, and the bytes flow as before. Here:
+- simple Queries are routed one by one (a route-cache hit costs microseconds, never a full parse);
+- extended-protocol messages are grouped up to their Sync or Flush, and the group goes where its
+  Binds' parameter values route (Describe before any Bind is answered by the default shard);
+- BEGIN is held, answered by pgshard, and started on the shard the first statement needs;
+- statements needing several shards, and transactions that grow to several shards, run through
+  `proxy.multishard` on server connections taken in shard order.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from parser.statements import leading_words
+from pooler.background import spawn
+from pooler.pool import Pool
+from pooler.server_connection import ServerConnection, ServerError
+from proxy import multishard
+from proxy.protocol import backend, frontend
+from proxy.protocol.errors import ProtocolError
+from proxy.session import ClientSession
+
+if TYPE_CHECKING:
+    from router.routing import PreparedRoute, Route, Router
+
+    from proxy.app import ProxyApp
+
+_from_bytes = int.from_bytes
+_Q, _P, _B, _D, _E, _C, _H, _S, _X = b"QPBDECHSX"
+_EXTENDED = frozenset(b"PBDECHS")
+_IDLE, _IN_BLOCK, _FAILED = 0x49, 0x54, 0x45
+
+# Transaction control and the tag PostgreSQL answers it with (CommandComplete).
+_BEGIN_TAGS = {"BEGIN": b"BEGIN", "START": b"START TRANSACTION"}
+_END_TAGS = {"COMMIT": b"COMMIT", "END": b"COMMIT", "ROLLBACK": b"ROLLBACK", "ABORT": b"ROLLBACK"}
+_SAVEPOINT_TAGS = {"SAVEPOINT": b"SAVEPOINT", "RELEASE": b"RELEASE"}
+
+
+def _command_complete(tag: bytes) -> bytes:
+    return b"C" + (len(tag) + 5).to_bytes(4, "big") + tag + b"\x00"
+
+
+class RoutedSession(ClientSession):
+    """ClientSession plus routing: which shard's pool serves each statement or transaction."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        super().__init__(app)
+        self.router: Router | None = None
+        self.pools: list[Pool] = []
+        self.shard = -1  # shard of self.server
+        self.default_shard = 0
+        self.pinned_shard: int | None = None  # SET pgshard.shard = N
+        self.held: list[bytes] = []  # BEGIN and SAVEPOINTs answered by us, replayed where the block starts
+        self.held_failed = False
+        self.group: list[tuple[int, bytes, Route | None]] = []
+        self.group_ready = False
+        self.blocked = False
+        self.out: list[bytes] = []
+        self.unnamed_route: PreparedRoute | None = None
+        self.statement_routes: dict[bytes, PreparedRoute] = {}
+        self.block_begin: list[bytes] = []  # how the current block began, for shards that join it
+        self.parked: dict[int, ServerConnection] = {}  # session mode / pinned: one server per shard kept
+        self.distributed: multishard.DistributedTransaction | None = None
+        self.query_timeout: float | None = app.config.general.query_timeout or None
+
+    # set-up at login ---------------------------------------------------------------------------------
+    def setup_routing(self, database_name: str, user_name: str) -> None:
+        database = self.app.config.database(database_name)
+        assert database is not None
+        self.default_shard = database.default_shard
+        self.router = self.app.router_for(database_name)
+        if self.router is not None:
+            self.pools = [self.app.pool_for(database_name, user_name, i) for i in range(len(database.shards))]
+
+    # dispatch ----------------------------------------------------------------------------------------
+    def _from_client(self, data: bytes) -> None:
+        if self.router is None:
+            super()._from_client(data)
+            return
+        if self.blocked:
+            self.buf += data
+            if len(self.buf) > 256 * 1024:
+                self.pause_client()
+            return
+        pos, n = 0, len(data)
+        max_length = self.max_message
+        while n - pos >= 5 and not self.blocked:
+            length = _from_bytes(data[pos + 1 : pos + 5], "big")
+            if length < 4 or length > max_length:
+                raise ProtocolError(f"invalid message length {length} for message type {chr(data[pos])!r}")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if not self._dispatch(data[pos], data[pos:end]):
+                break
+            pos = end
+        self._flush_out()
+        if pos < n:
+            self.buf += data[pos:]
+
+    def _flush_out(self) -> None:
+        if self.out:
+            server = self.server
+            if server is not None and server.transport is not None:
+                server.transport.write(b"".join(self.out))
+            self.out = []
+
+    def _resume(self) -> None:
+        """Whatever blocked dispatch is over: carry on with the held group and buffered bytes."""
+        self.blocked = False
+        self.resume_client()
+        if self.group_ready and not self._finish_group():
+            return
+        if self.buf and self.phase == 2:
+            data = bytes(self.buf)
+            self.buf.clear()
+            try:
+                self._from_client(data)
+            except ProtocolError as exc:
+                self.fatal(exc.sqlstate, exc.message)
+
+    def _dispatch(self, msg_type: int, message: bytes) -> bool:
+        """Handle one client message; False if it must wait (it is then kept for later)."""
+        if msg_type in _EXTENDED:
+            return self._dispatch_extended(msg_type, message)
+        if msg_type == _Q:
+            if self.group:
+                self.group_ready = True
+                if not self._finish_group():
+                    return False
+            return self._dispatch_query(message)
+        if msg_type == _X:
+            self._flush_out()
+            if self.transport is not None:
+                self.transport.close()
+            self.blocked = True
+            return True
+        # COPY data, CopyDone/CopyFail, FunctionCall: wherever the session is now.
+        return self._to_shard(self.shard if self.server is not None else self.default_shard, [message])
+
+    # simple Query ------------------------------------------------------------------------------------
+    def _dispatch_query(self, message: bytes) -> bool:
+        if self.distributed is not None:
+            if self._outstanding():
+                return self._wait_for_drain()
+            self._run(multishard.run_query_in_transaction(self, message))
+            return True
+        sql = message[5:-1]
+        first, second, _ = leading_words(sql[:64].decode("utf-8", "replace"))
+        if first in _BEGIN_TAGS or first in _END_TAGS or first in _SAVEPOINT_TAGS:
+            handled = self._transaction_control(first, second, message)
+            if handled is not None:
+                return handled
+        if self.held_failed and self.server is None:
+            return self._reply_local(
+                backend.error_response(
+                    "25P02", "current transaction is aborted, commands ignored until end of transaction block"
+                ),
+                _FAILED,
+            )
+        assert self.router is not None
+        route = self.router.route_simple(sql)
+        return self._follow(route, message)
+
+    def _follow(self, route: Route, message: bytes) -> bool:
+        if route.error is not None:
+            return self._reply_error(*route.error)
+        if self.pinned_shard is not None:
+            return self._to_shard(self.pinned_shard, [message])
+        if route.shards and len(route.shards) == 1 and not route.all_shards and route.split is None:
+            return self._to_shard(route.shards[0], [message])
+        if not route.shards and not route.all_shards and route.split is None:
+            # SET, SHOW and statements about no table: wherever the session is now.
+            return self._to_shard(self.shard if self.server is not None else self.default_shard, [message])
+        if self._outstanding():
+            return self._wait_for_drain()
+        self._run(multishard.run_query(self, route, message))
+        return True
+
+    def _transaction_control(self, first: str, second: str, message: bytes) -> bool | None:
+        """BEGIN is held until a statement shows where it runs; None: pass the statement on."""
+        if self.server is not None:
+            return None
+        if first in _BEGIN_TAGS and not self.held:
+            self.held = [message]
+            return self._reply_local(_command_complete(_BEGIN_TAGS[first]), _IN_BLOCK)
+        if not self.held:
+            return None
+        if first in _END_TAGS and second not in ("TO", "PREPARED"):
+            tag = b"ROLLBACK" if self.held_failed else _END_TAGS[first]
+            self.held = []
+            self.held_failed = False
+            return self._reply_local(_command_complete(tag), _IDLE)
+        if first in _SAVEPOINT_TAGS or (first == "ROLLBACK" and second == "TO"):
+            self.held.append(message)
+            if first == "ROLLBACK":
+                self.held_failed = False
+            return self._reply_local(_command_complete(_SAVEPOINT_TAGS.get(first, b"ROLLBACK")), _IN_BLOCK)
+        return None
+
+    def _reply_local(self, reply: bytes, status: int) -> bool:
+        if self._outstanding():
+            return self._wait_for_drain()
+        if self.transport is not None:
+            self.transport.write(reply + backend.ready_for_query(bytes((status,))))
+        return True
+
+    def _reply_error(self, sqlstate: str, message: str) -> bool:
+        """An error pgshard finds itself: in a held block the block fails, as PostgreSQL's would."""
+        status = _IDLE
+        if self.held or (self.server is not None and self.status != _IDLE):
+            status = _FAILED
+            if self.held:
+                self.held_failed = True
+            elif self.server is not None:
+                # The server's block must fail too, so that COMMIT rolls back.
+                self._flush_out()
+                self.server.write(
+                    frontend.query(f"DO $pgshard$ BEGIN RAISE '%', {_quote(message)}; END $pgshard$")
+                )
+                self.skip_replies += 1
+                self.sent_syncs += 1
+        return self._reply_local(backend.error_response(sqlstate, message), status)
+
+    # extended protocol -------------------------------------------------------------------------------
+    def _dispatch_extended(self, msg_type: int, message: bytes) -> bool:
+        route: Route | None = None
+        if msg_type == _P:
+            self._remember_parse(message)
+        elif msg_type == _B:
+            route = self._route_bind(message)
+        self.group.append((msg_type, message, route))
+        if msg_type in (_S, _H):
+            self.group_ready = True
+            return self._finish_group()
+        return True
+
+    def _remember_parse(self, message: bytes) -> None:
+        assert self.router is not None
+        body = message[5:]
+        name_end = body.index(b"\x00")
+        query = body[name_end + 1 : body.index(b"\x00", name_end + 1)].decode("utf-8", "replace")
+        prepared_route = self.router.prepare(query)
+        if name_end == 0:
+            self.unnamed_route = prepared_route
+        else:
+            self.statement_routes[body[:name_end]] = prepared_route
+
+    def _route_bind(self, message: bytes) -> Route | None:
+        assert self.router is not None
+        bind = frontend.decode_bind(message[5:])
+        if bind.statement:
+            prepared_route = self.statement_routes.get(bind.statement.encode())
+        else:
+            prepared_route = self.unnamed_route
+        if prepared_route is None:
+            return None
+        return self.router.route_bind(prepared_route, bind.params, bind.param_formats)
+
+    def _finish_group(self) -> bool:
+        """Send a whole extended-protocol group (up to Sync/Flush) where its Binds route."""
+        group = self.group
+        targets: set[int] = set()
+        multi = False
+        for _, _, route in group:
+            if route is None:
+                continue
+            if route.error is not None:
+                return self._fail_group(*route.error)
+            if self.pinned_shard is not None:
+                targets.add(self.pinned_shard)
+            elif route.all_shards or len(route.shards) > 1 or route.split is not None:
+                multi = True
+            elif route.shards:
+                targets.add(route.shards[0])
+        if self.distributed is not None or multi or len(targets) > 1:
+            if self._outstanding():
+                return self._wait_for_drain()
+            self.group, self.group_ready = [], False
+            self._run(multishard.run_group(self, group))
+            return True
+        target = targets.pop() if targets else (self.shard if self.server is not None else self.default_shard)
+        if not self._to_shard(target, [message for _, message, _ in group]):
+            return False
+        self.group, self.group_ready = [], False
+        return True
+
+    def _fail_group(self, sqlstate: str, message: str) -> bool:
+        """A group that cannot run: its error, then ReadyForQuery if it ended in Sync, as a server would."""
+        ends_in_sync = self.group[-1][0] == _S
+        self.group, self.group_ready = [], False
+        if not ends_in_sync:
+            self.discard_until_sync = True
+            if self.transport is not None:
+                self.transport.write(backend.error_response(sqlstate, message))
+            return True
+        return self._reply_error(sqlstate, message)
+
+    # choosing and linking servers -----------------------------------------------------------------------
+    def _outstanding(self) -> bool:
+        return self.server is not None and (self.done_syncs < self.sent_syncs or self.unsynced)
+
+    def _wait_for_drain(self) -> bool:
+        """Replies from the linked server must reach the client before anything else does."""
+        self._flush_out()
+        self.blocked = True
+        return False
+
+    def drained(self) -> None:
+        if self.blocked and self.waiting is None and not self._outstanding():
+            self._resume()
+
+    def _to_shard(self, shard: int, messages: list[bytes]) -> bool:
+        server = self.server
+        if server is not None:
+            if self.shard == shard:
+                for message in messages:
+                    self._pass_message(message[0], message, self.out)
+                return True
+            if self._outstanding():
+                return self._wait_for_drain()
+            if self.status != _IDLE:
+                # The transaction grows to a second shard.
+                self._flush_out()
+                self._run(multishard.grow_and_run(self, shard, messages))
+                return True
+            self._flush_out()
+            self._unlink_keep()
+        if not 0 <= shard < len(self.pools):
+            return self._reply_error(
+                "22023", f"shard {shard} does not exist (this database has {len(self.pools)})"
+            )
+        server = self.parked.pop(shard, None) or self.pools[shard].try_acquire()
+        if server is None:
+            self.blocked = True
+            self.waiting = spawn(self._wait_for_shard(shard))
+            return False
+        self._link_shard(server, shard)
+        for message in messages:
+            self._pass_message(message[0], message, self.out)
+        return True
+
+    def _unlink_keep(self) -> None:
+        """Session mode or a pinned client keeps one idle server per shard while switching shards."""
+        server = self.server
+        assert server is not None
+        self.server = None
+        server.sink = None
+        if self.mode == "session" or self.pinned is not None:
+            self.parked[self.shard] = server
+        else:
+            server.pool.release(server)
+        self.shard = -1
+
+    def _link_shard(self, server: ServerConnection, shard: int) -> None:
+        self._link(server)
+        self.shard = shard
+        self.block_begin = list(self.held)
+        if self.held:
+            # The held BEGIN (and savepoints) start the block here; their replies were given already.
+            for message in self.held:
+                server.write(message)
+                self.skip_replies += 1
+                self.sent_syncs += 1
+            self.held = []
+
+    async def _wait_for_shard(self, shard: int) -> None:
+        try:
+            server = await self.pools[shard].acquire()
+        except ServerError as exc:
+            self.waiting = None
+            self.blocked = False
+            self.group, self.group_ready = [], False
+            self._fail_waiting(exc)
+            return
+        self.waiting = None
+        if self.phase != 2:
+            server.pool.release(server)
+            return
+        self._link_shard(server, shard)
+        self._resume()
+
+    def _route_of(self, message: bytes) -> Route | None:
+        return self._route_bind(message) if message[0] == _B else None
+
+    def _release(self, server: ServerConnection, rest: bytes) -> None:
+        self.shard = -1
+        if self.mode == "session" or self.pinned is not None:
+            return
+        super()._release(server, rest)
+        if self.blocked and self.waiting is None:
+            self._resume()
+
+    def _run(self, coro: object) -> None:
+        """Run a multi-shard step; client input waits until it is done."""
+        self._flush_out()
+        self.blocked = True
+        spawn(self._guarded(coro))
+
+    async def _guarded(self, coro: object) -> None:
+        try:
+            await coro  # type: ignore[misc]
+        except ServerError as exc:
+            self.fatal(exc.sqlstate, exc.message)
+            return
+        except Exception as exc:  # never let a task die silently: the client must hear about it
+            from proxy.log import log
+
+            log.exception("multi-shard step failed", peer=self.peer)
+            self.fatal("XX000", f"internal error in pgshard: {exc}")
+            return
+        if self.phase == 2:
+            self._resume()
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
