@@ -75,6 +75,23 @@ def run_workers(config: Config) -> int:
     return status
 
 
+async def install_id_function(config: Config) -> None:
+    """Create pgshard_id() on every shard of every database, each with its own shard number."""
+    from pooler.server_connection import ServerTarget, open_server_connection
+    from router.ids import id_function_sql
+
+    for database in config.databases:
+        for index, shard in enumerate(database.shards):
+            a = shard.address
+            target = ServerTarget(a.host, a.port, a.user, a.password, a.dbname)
+            server = await open_server_connection(target, config.general.connect_timeout)
+            try:
+                await server.run_simple(id_function_sql(index))
+            finally:
+                server.close()
+            print(f"{database.name}: shard {index} ({target.label}): pgshard_id() installed")
+
+
 def _load(path: str) -> Config:
     try:
         return load_config(path)
@@ -93,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-c", "--config", required=True)
     check = sub.add_parser("check", help="validate a configuration file and exit")
     check.add_argument("-c", "--config", required=True)
+    ids = sub.add_parser("install-ids", help="create the pgshard_id() id function on every shard")
+    ids.add_argument("-c", "--config", required=True)
     demo = sub.add_parser("demo", help="start local PostgreSQL shards, a sample schema and the proxy")
     demo.add_argument(
         "--data-dir", default="/tmp/pgshard-demo", help="where the shard servers keep their data"
@@ -104,6 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check":
         config = _load(args.config)
         print(f"{args.config}: OK ({len(config.databases)} database(s), {len(config.users)} user(s))")
+        return 0
+    if args.command == "install-ids":
+        from pooler.server_connection import ServerError
+
+        try:
+            asyncio.run(install_id_function(_load(args.config)))
+        except ServerError as exc:
+            print(f"pgshard: {exc.message}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "run":
         config = _load(args.config)

@@ -289,7 +289,7 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
                 _reply_group_error(session, route.error)
                 return
             if route is not None and getattr(route, "unsupported", None):
-                _reply_group_error(session, ("0A000", route.unsupported))  # type: ignore[attr-defined]
+                _reply_group_error(session, ("0A000", route.unsupported))
                 return
             if session.pinned_shard is not None:
                 current = (session.pinned_shard,)
