@@ -22,8 +22,9 @@ from proxy.config import Config
 from proxy.log import log
 
 if TYPE_CHECKING:
-    from proxy.session import ClientSession
     from router.routing import Router
+
+    from proxy.session import ClientSession
 
 _JANITOR_INTERVAL = 1.0
 

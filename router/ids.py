@@ -22,8 +22,10 @@ def id_function_sql(shard: int) -> str:
         raise ValueError(f"shard number {shard} does not fit in {SHARD_BITS} bits")
     return f"""
 CREATE SEQUENCE IF NOT EXISTS pgshard_id_seq;
-CREATE OR REPLACE FUNCTION pgshard_id() RETURNS bigint LANGUAGE sql VOLATILE SET search_path FROM CURRENT AS $$
-  SELECT ((floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - {EPOCH_MS}) << {SHARD_BITS + SEQUENCE_BITS})
+CREATE OR REPLACE FUNCTION pgshard_id() RETURNS bigint LANGUAGE sql VOLATILE
+SET search_path FROM CURRENT AS $$
+  SELECT ((floor(extract(epoch FROM clock_timestamp()) * 1000)::bigint - {EPOCH_MS})
+          << {SHARD_BITS + SEQUENCE_BITS})
        | ({shard}::bigint << {SEQUENCE_BITS})
        | (nextval('pgshard_id_seq') % {1 << SEQUENCE_BITS})
 $$;
