@@ -87,4 +87,4 @@ def test_multi_statement_query_reports_every_effect_in_order() -> None:
 
 def test_literals_survive_backslashes_whatever_standard_conforming_strings_says() -> None:
     assert quote_literal("a\\b") == "E'a\\\\b'"
-    assert set_statement("search_path", 'x"y') == "SET \"search_path\" = 'x\"y'"
+    assert set_statement("search_path", 'x"y') == 'SET "search_path" = \'x"y\''
