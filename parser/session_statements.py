@@ -24,6 +24,9 @@ class Effect(Enum):
     DEALLOCATE = "deallocate"  # key = statement name, or None for ALL
     PIN = "pin"  # key = the reason, shown to operators
     BEGIN = "begin"  # multi-statement transaction block opens
+    SAVEPOINT = "savepoint"  # key = savepoint name
+    ROLLBACK_TO = "rollback_to"  # key = savepoint name
+    RELEASE = "release"  # key = savepoint name
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +90,46 @@ def quote_ident(name: str) -> str:
 
 
 def set_statement(key: str, value: str) -> str:
-    """The statement that sets parameter `key` to the text `value` (startup parameters, set_config)."""
-    return f"SET {quote_ident(key)} = {quote_literal(value)}"
+    """The statement that sets parameter `key` to the text `value` (startup parameters, set_config).
+
+    set_config reads the value as a configuration string, as a start-up option does; `SET x = '...'`
+    would make a list setting (search_path) one quoted element.
+    """
+    return f"SELECT pg_catalog.set_config({quote_literal(key)}, {quote_literal(value)}, false)"
+
+
+def _savepoint_name(raw: str) -> str:
+    return raw[1:-1].replace('""', '"') if raw.startswith('"') else raw.lower()
 
 
 def analyse_statement(stmt: str) -> SessionEffect:
-    """The session effect of one statement (no trailing semicolon)."""
+    """The session effect of one statement (no trailing semicolon); the first, if it has several."""
+    effects = statement_effects(stmt)
+    return effects[0] if effects else NO_EFFECT
+
+
+def statement_effects(stmt: str) -> list[SessionEffect]:
+    """Every session effect of one statement: set_config may appear several times in one SELECT."""
+    first, _, _ = leading_words(stmt)
+    if first in ("SELECT", "WITH", "VALUES", "CALL", "DO") and mentions_session_function(stmt.encode()):
+        if re.search(r"pg_(?:try_)?advisory_lock", stmt, re.IGNORECASE):
+            return [SessionEffect(Effect.PIN, "session advisory lock")]
+        found = list(_SET_CONFIG_LITERAL.finditer(stmt))
+        if len(found) != len(re.findall(r"set_config\s*\(", stmt, re.IGNORECASE)):
+            return [SessionEffect(Effect.PIN, "set_config with computed arguments")]
+        effects = []
+        for m in found:
+            if m.group(3).lower() == "false":
+                key = _param_key(m.group(1).replace("''", "'"))
+                effects.append(
+                    SessionEffect(Effect.SET, key, set_statement(key, m.group(2).replace("''", "'")))
+                )
+        return effects
+    effect = _one_effect(stmt)
+    return [] if effect.effect is Effect.NONE else [effect]
+
+
+def _one_effect(stmt: str) -> SessionEffect:
     first, second, third = leading_words(stmt)
     if first == "SET":
         if second in ("ROLE", "SESSION") and (second == "ROLE" or third == "AUTHORIZATION"):
@@ -143,20 +180,18 @@ def analyse_statement(stmt: str) -> SessionEffect:
         return SessionEffect(Effect.PIN, "temporary table")
     if first == "DECLARE" and re.search(r"\bWITH\s+HOLD\b", stmt, re.IGNORECASE):
         return SessionEffect(Effect.PIN, "cursor WITH HOLD")
-    if first in ("SELECT", "WITH", "VALUES", "CALL", "DO") and mentions_session_function(stmt.encode()):
-        if re.search(r"pg_(?:try_)?advisory_lock", stmt, re.IGNORECASE):
-            return SessionEffect(Effect.PIN, "session advisory lock")
-        m = _SET_CONFIG_LITERAL.search(stmt)
-        if m and m.group(3).lower() == "true":
-            return NO_EFFECT
-        if m:
-            key = _param_key(m.group(1).replace("''", "'"))
-            return SessionEffect(Effect.SET, key, set_statement(key, m.group(2).replace("''", "'")))
-        return SessionEffect(Effect.PIN, "set_config with computed arguments")
+    if first == "SAVEPOINT" and second:
+        return SessionEffect(Effect.SAVEPOINT, _savepoint_name(stmt.split()[1]))
+    if first == "RELEASE":
+        words = stmt.split()
+        name = words[2] if len(words) > 2 and words[1].upper() == "SAVEPOINT" else words[-1]
+        return SessionEffect(Effect.RELEASE, _savepoint_name(name))
+    if first == "ROLLBACK" and second == "TO":
+        words = stmt.split()
+        return SessionEffect(Effect.ROLLBACK_TO, _savepoint_name(words[-1]))
     return NO_EFFECT
 
 
 def analyse_query(sql: str) -> list[SessionEffect]:
     """Session effects of every statement of a (possibly multi-statement) query, in order."""
-    effects = [analyse_statement(s) for s in split_statements(sql)]
-    return [e for e in effects if e.effect is not Effect.NONE]
+    return [effect for stmt in split_statements(sql) for effect in statement_effects(stmt)]

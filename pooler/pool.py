@@ -91,7 +91,7 @@ class Pool:
         waiter: asyncio.Future[ServerConnection] = loop.create_future()
         self._waiters.append(waiter)
         if self.size < self.settings.size:
-            spawn(self._grow())
+            self._start_grow()
         try:
             return await asyncio.wait_for(asyncio.shield(waiter), self.settings.query_wait_timeout)
         except TimeoutError:
@@ -112,8 +112,12 @@ class Pool:
         elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
             self.release(waiter.result())
 
-    async def _grow(self) -> None:
+    def _start_grow(self) -> None:
+        """Count the connection as opening now, so a burst of waiters cannot overshoot pool_size."""
         self._opening += 1
+        spawn(self._grow())
+
+    async def _grow(self) -> None:
         try:
             conn = await open_server_connection(self.target, self.settings.connect_timeout)
             conn.pool = self
@@ -157,7 +161,7 @@ class Pool:
         conn.close()
         log.info("server closed", pool=self.name, backend_pid=conn.backend_pid)
         if self._waiters and not self.closed and self.size < self.settings.size:
-            spawn(self._grow())
+            self._start_grow()
 
     async def ensure_parameters(self) -> dict[str, str]:
         """The server's ParameterStatus values, connecting once if the pool has never connected."""
@@ -185,6 +189,7 @@ class Pool:
 
     async def fill_min(self) -> None:
         while not self.closed and self.size < self.settings.min_size:
+            self._opening += 1
             await self._grow()
             if not self._idle:
                 return

@@ -22,9 +22,8 @@ from proxy.config import Config
 from proxy.log import log
 
 if TYPE_CHECKING:
-    from router.routing import Router
-
     from proxy.session import ClientSession
+    from router.routing import Router
 
 _JANITOR_INTERVAL = 1.0
 
@@ -107,7 +106,7 @@ class ProxyApp:
                 from router.routing import Router
                 from router.topology import Topology
 
-                router = Router(Topology(database))
+                router = Router(Topology.from_database(database))
             self.routers[database_name] = router
         return self.routers[database_name]
 

@@ -23,9 +23,8 @@ from proxy.protocol import backend, frontend
 from router.scatter import frame, merge_replies, scatter
 
 if TYPE_CHECKING:
-    from router.routing import Route
-
     from proxy.routed_session import RoutedSession
+    from router.routing import Route
 
 _IDLE, _IN_BLOCK, _FAILED = b"I", b"T", b"E"
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
@@ -109,6 +108,36 @@ def _error_body(error: ServerError) -> bytes:
     return backend.error_response(error.sqlstate, error.message)
 
 
+_MERGE_CONSTRUCTS = (
+    ("order_by", "ORDER BY"),
+    ("limit", "LIMIT"),
+    ("offset", "OFFSET"),
+    ("aggregates", "aggregate functions"),
+    ("group_by", "GROUP BY"),
+    ("distinct", "DISTINCT"),
+    ("window", "window functions"),
+    ("having", "HAVING"),
+)
+
+
+def unsupported_reason(route: Route) -> str | None:
+    """Why a route that needs several shards cannot be answered correctly (yet), or None.
+
+    Never a wrong answer (DESIGN.md, principle 4): a read the merger cannot combine is refused.
+    """
+    if route.statements is not None:
+        return "a multi-statement query whose statements need different shards; send them one at a time"
+    if route.kind.value == "copy":
+        return "COPY of a table spread over several shards"
+    merge = route.merge
+    if merge is not None and merge.any:
+        names = [name for attr, name in _MERGE_CONSTRUCTS if getattr(merge, attr)]
+        if merge.set_operation:
+            names.append(merge.set_operation.upper())
+        return f"{', '.join(names)} in a query that reads several shards"
+    return None
+
+
 def _shards_of(session: RoutedSession, route: Route) -> list[int]:
     if route.split is not None:
         return [shard for shard, _ in route.split]
@@ -131,7 +160,7 @@ def _timeout(session: RoutedSession) -> float | None:
 # simple Query ---------------------------------------------------------------------------------------
 async def run_query(session: RoutedSession, route: Route, message: bytes) -> None:
     """A statement that needs several shards, outside a transaction or as the first of a held block."""
-    unsupported = getattr(route, "unsupported", None)
+    unsupported = unsupported_reason(route)
     if unsupported:
         _reply(session, backend.error_response("0A000", unsupported), _FAILED if session.held else _IDLE)
         if session.held:
@@ -241,8 +270,8 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
         dist.failed = True
         _reply(session, backend.error_response(*route.error), _FAILED)
         return
-    unsupported = getattr(route, "unsupported", None)
-    if unsupported:
+    unsupported = unsupported_reason(route)
+    if unsupported and len(_shards_of(session, route)) > 1:
         dist.failed = True
         _reply(session, backend.error_response("0A000", unsupported), _FAILED)
         return
@@ -288,8 +317,9 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
             if route is not None and route.error is not None:
                 _reply_group_error(session, route.error)
                 return
-            if route is not None and getattr(route, "unsupported", None):
-                _reply_group_error(session, ("0A000", route.unsupported))
+            reason = unsupported_reason(route) if route is not None else None
+            if reason and route is not None and (route.all_shards or len(route.shards) > 1):
+                _reply_group_error(session, ("0A000", reason))
                 return
             if session.pinned_shard is not None:
                 current = (session.pinned_shard,)

@@ -24,9 +24,8 @@ from proxy.protocol.errors import ProtocolError
 from proxy.session import ClientSession
 
 if TYPE_CHECKING:
-    from router.routing import PreparedRoute, Route, Router
-
     from proxy.app import ProxyApp
+    from router.routing import PreparedRoute, Route, Router
 
 _from_bytes = int.from_bytes
 _Q, _P, _B, _D, _E, _C, _H, _S, _X = b"QPBDECHSX"
@@ -209,21 +208,23 @@ class RoutedSession(ClientSession):
         return True
 
     def _reply_error(self, sqlstate: str, message: str) -> bool:
-        """An error pgshard finds itself: in a held block the block fails, as PostgreSQL's would."""
+        """An error pgshard finds itself: in a block the block fails, as PostgreSQL's would."""
+        if self._outstanding():
+            return self._wait_for_drain()
         status = _IDLE
-        if self.held or (self.server is not None and self.status != _IDLE):
+        if self.held:
             status = _FAILED
-            if self.held:
-                self.held_failed = True
-            elif self.server is not None:
-                # The server's block must fail too, so that COMMIT rolls back.
-                self._flush_out()
-                self.server.write(
-                    frontend.query(f"DO $pgshard$ BEGIN RAISE '%', {_quote(message)}; END $pgshard$")
-                )
-                self.skip_replies += 1
-                self.sent_syncs += 1
-        return self._reply_local(backend.error_response(sqlstate, message), status)
+            self.held_failed = True
+        elif self.server is not None and self.status != _IDLE:
+            status = _FAILED
+            # The server's block must fail too, so that a COMMIT rolls it back.
+            self._flush_out()
+            self.inject_query(self.server, f"DO $pgshard$ BEGIN RAISE '%', {_quote(message)}; END $pgshard$")
+        if self.transport is not None:
+            self.transport.write(
+                backend.error_response(sqlstate, message) + backend.ready_for_query(bytes((status,)))
+            )
+        return True
 
     # extended protocol -------------------------------------------------------------------------------
     def _dispatch_extended(self, msg_type: int, message: bytes) -> bool:
@@ -362,9 +363,7 @@ class RoutedSession(ClientSession):
         if self.held:
             # The held BEGIN (and savepoints) start the block here; their replies were given already.
             for message in self.held:
-                server.write(message)
-                self.skip_replies += 1
-                self.sent_syncs += 1
+                self.inject_query(server, message[5:-1].decode())
             self.held = []
 
     async def _wait_for_shard(self, shard: int) -> None:

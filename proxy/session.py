@@ -42,7 +42,8 @@ _SYNCING = frozenset((_S, _F))  # answered by exactly one ReadyForQuery each (as
 
 # Leading keywords whose statements may change session state, pin the client or open a block.
 _SESSION_KEYWORDS = frozenset(
-    b"SET RESET DISCARD DEALLOCATE LISTEN PREPARE CREATE DECLARE LOAD BEGIN START".split()
+    b"SET RESET DISCARD DEALLOCATE LISTEN PREPARE CREATE DECLARE LOAD BEGIN START SAVEPOINT RELEASE ROLLBACK"
+    b"".split()
 )
 _FUNCTION_KEYWORDS = frozenset(b"SELECT WITH VALUES CALL".split())
 
@@ -79,7 +80,9 @@ class ClientSession(asyncio.Protocol):
         # Responses to drop: (sync group, drop?, server statement name or b"") per Parse and Close sent.
         self.parse_q: deque[tuple[int, bool, bytes]] = deque()
         self.close_q: deque[tuple[int, bool]] = deque()
-        self.skip_replies = 0  # ReadyForQuery-terminated replies of our own replay queries to drop
+        # Sync groups (by number) whose replies are ours to drop: queries pgshard itself added.
+        self.drop_groups: deque[int] = deque()
+        self.follow_up: str | None = None  # a query of ours to send right after the client's
         self.srv_skip = 0  # bytes of a message that continues in the next chunk
         self.srv_skip_drop = False
         self.srv_carry = b""  # a header or a message we must see whole, split across chunks
@@ -262,6 +265,7 @@ class ClientSession(asyncio.Protocol):
         pool = self.app.pool_for(database.name, user.name, database.default_shard)
         server_parameters = await pool.ensure_parameters()
         self.pool = pool
+        self.setup_routing(database.name, user.name)
         self.state = SessionState(params)
         self.pid, self.secret = self.app.register_cancel_key(self)
         out = [backend.authentication_ok()]
@@ -325,10 +329,10 @@ class ClientSession(asyncio.Protocol):
             elif msg_type == _Q:
                 replacement = self._client_query(data, pos, end)
                 self.sent_syncs += 1
-                if replacement is not None:
-                    out.append(data[flushed:pos])
-                    out.append(replacement)
+                if replacement is not None or self.follow_up is not None:
+                    out.append(data[flushed:end] if replacement is None else data[flushed:pos] + replacement)
                     flushed = end
+                    self._add_follow_up(out)
             elif msg_type in (_P, _B, _D, _C):
                 self.unsynced = True
                 replacement = self._client_extended(msg_type, data[pos + 5 : end])
@@ -363,6 +367,7 @@ class ClientSession(asyncio.Protocol):
             replacement = self._client_query(message, 0, len(message))
             self.sent_syncs += 1
             out.append(message if replacement is None else replacement)
+            self._add_follow_up(out)
         elif msg_type in (_P, _B, _D, _C):
             self.unsynced = True
             replacement = self._client_extended(msg_type, message[5:])
@@ -420,12 +425,13 @@ class ClientSession(asyncio.Protocol):
                             f"DEALLOCATE {stmt.server_name.decode()}"
                         )
                         self.server.prepared.pop(stmt.server_name, None)
-            elif kind is Effect.DISCARD_ALL:
-                self.statements.clear()
-                self.server.prepared.clear()
-                self.state.note(effect)
-                self.server.session_state = {}
             else:
+                if kind is Effect.DISCARD_ALL:
+                    self.statements.clear()
+                    self.server.prepared.clear()
+                if kind in (Effect.DISCARD_ALL, Effect.RESET_ALL) and self.state.baseline:
+                    # The server resets to its own start-up values; the client's are put back after.
+                    self.follow_up = "; ".join(self.state.baseline.values())
                 self.state.note(effect)
                 self.tracking_tags = True
         return replacement
@@ -574,10 +580,20 @@ class ClientSession(asyncio.Protocol):
         replay = self.state.replay_sql(server.session_state)
         if replay is not None:
             server.session_state = self.state.params
-            self.skip_replies += 1
+            self.inject_query(server, replay)
+
+    def _add_follow_up(self, out: list[bytes]) -> None:
+        if self.follow_up is not None:
+            out.append(frontend.query(self.follow_up))
             self.sent_syncs += 1
-            assert server.transport is not None
-            server.transport.write(frontend.query(replay))
+            self.drop_groups.append(self.sent_syncs)
+            self.follow_up = None
+
+    def inject_query(self, server: ServerConnection, sql: str) -> None:
+        """Send a query of pgshard's own down the linked server; its replies never reach the client."""
+        self.sent_syncs += 1
+        self.drop_groups.append(self.sent_syncs)
+        server.write(frontend.query(sql))
 
     # server -> client -------------------------------------------------------------------------------
     def server_data(self, server: ServerConnection, data: bytes) -> None:
@@ -604,10 +620,10 @@ class ClientSession(asyncio.Protocol):
             msg_type = data[pos]
             end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
             drop = False
-            if self.skip_replies:
+            if self.drop_groups and self.drop_groups[0] == self.done_syncs + 1:
                 drop = True
                 if msg_type == _Z:
-                    self.skip_replies -= 1
+                    self.drop_groups.popleft()
                     self.done_syncs += 1
                 elif msg_type == _ERROR:
                     log.warning(
@@ -697,6 +713,7 @@ class ClientSession(asyncio.Protocol):
         if state is not None and (state.pending or state.tx_pending):
             state.on_ready(self.status, self.failed, self.tx_outcome)
             self.tracking_tags = bool(state.tx_pending)
+            server.session_state = state.params
         self.failed = False
         self.tx_outcome = None
 

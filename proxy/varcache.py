@@ -30,6 +30,13 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
     return {key: set_statement(key, value) for key, value in settings.items()}
 
 
+def _last_savepoint(effects: list[SessionEffect], name: str | None) -> int | None:
+    for index in range(len(effects) - 1, -1, -1):
+        if effects[index].effect is Effect.SAVEPOINT and effects[index].key == name:
+            return index
+    return None
+
+
 def reset_statement(key: str) -> str:
     if key == "session characteristics":
         return _RESET_SESSION_CHARACTERISTICS
@@ -54,24 +61,35 @@ class SessionState:
     def on_ready(self, status: int, failed: bool, tx_outcome: bool | None) -> None:
         """ReadyForQuery arrived: keep, defer or drop what was pending.
 
-        `failed`: an ErrorResponse came since the statements were sent (their implicit transaction
-        rolled back). `tx_outcome`: True if a COMMIT, False if a ROLLBACK completed meanwhile.
+        `failed`: an ErrorResponse came since the statements were sent. `tx_outcome`: True if a
+        COMMIT, False if a ROLLBACK completed meanwhile (a block ended).
         """
         if tx_outcome is not None and self.tx_pending:
             if tx_outcome:
                 self._apply(self.tx_pending)
             self.tx_pending = []
         pending, self.pending = self.pending, []
-        if not pending or failed:
-            if status == 0x45:  # 'E': the block failed; what it set is gone
-                self.tx_pending = []
+        if not pending:
             return
-        if status == 0x49:  # 'I'
-            self._apply(pending)
-        elif status == 0x54:  # 'T'
-            self.tx_pending.extend(pending)
-        else:
-            self.tx_pending = []
+        if status == 0x49:  # 'I': autocommit; an error rolled the implicit transaction back
+            if not failed:
+                self._apply(pending)
+            return
+        # Inside a block ('T', or 'E' until ROLLBACK [TO]): kept in order, savepoints as markers.
+        tx = self.tx_pending
+        for effect in pending:
+            if effect.effect is Effect.ROLLBACK_TO:
+                mark = _last_savepoint(tx, effect.key)
+                if mark is not None:
+                    del tx[mark + 1 :]
+            elif effect.effect is Effect.RELEASE:
+                mark = _last_savepoint(tx, effect.key)
+                if mark is not None:
+                    self.tx_pending = tx = [
+                        e for i, e in enumerate(tx) if i < mark or e.effect is not Effect.SAVEPOINT
+                    ]
+            else:
+                tx.append(effect)
 
     def _apply(self, effects: list[SessionEffect]) -> None:
         params = dict(self.params)  # a new dict: servers compare by identity first

@@ -71,7 +71,21 @@ def test_transaction_scoped_functions_do_not_pin() -> None:
 def test_set_config_with_literals_becomes_a_set() -> None:
     effect = analyse_statement("select set_config('app.tenant', 'it''s', false)")
     assert (effect.effect, effect.key) == (Effect.SET, "app.tenant")
-    assert effect.statement == "SET \"app\".\"tenant\" = 'it''s'"
+    assert effect.statement == "SELECT pg_catalog.set_config('app.tenant', 'it''s', false)"
+
+
+def test_every_set_config_of_a_statement_counts() -> None:
+    effects = analyse_query("SELECT set_config('work_mem', '13MB', false), set_config('a.b', 'x', true)")
+    assert [(e.effect, e.key) for e in effects] == [(Effect.SET, "work_mem")]
+
+
+def test_savepoints_are_markers() -> None:
+    effects = analyse_query("SAVEPOINT s1; RELEASE SAVEPOINT s1; ROLLBACK TO SAVEPOINT S2")
+    assert [(e.effect, e.key) for e in effects] == [
+        (Effect.SAVEPOINT, "s1"),
+        (Effect.RELEASE, "s1"),
+        (Effect.ROLLBACK_TO, "s2"),
+    ]
 
 
 def test_deallocate() -> None:
@@ -87,4 +101,4 @@ def test_multi_statement_query_reports_every_effect_in_order() -> None:
 
 def test_literals_survive_backslashes_whatever_standard_conforming_strings_says() -> None:
     assert quote_literal("a\\b") == "E'a\\\\b'"
-    assert set_statement("search_path", 'x"y') == 'SET "search_path" = \'x"y\''
+    assert set_statement("search_path", "a,b") == "SELECT pg_catalog.set_config('search_path', 'a,b', false)"

@@ -18,7 +18,7 @@ def test_startup_parameters_and_options_become_settings() -> None:
         }
     )
     assert set(settings) == {"application_name", "search_path", "work_mem"}
-    assert settings["search_path"] == "SET \"search_path\" = 'foo'"
+    assert settings["search_path"] == "SELECT pg_catalog.set_config('search_path', 'foo', false)"
 
 
 def test_a_set_outside_a_transaction_is_kept_once_it_succeeds() -> None:
@@ -54,6 +54,15 @@ def test_a_set_in_a_transaction_that_rolls_back_is_dropped() -> None:
     assert not state.tx_pending
 
 
+def test_rollback_to_savepoint_undoes_later_sets() -> None:
+    state = SessionState({"user": "app"})
+    for sql in ("SET work_mem = '10MB'", "SAVEPOINT s1", "SET work_mem = '20MB'", "ROLLBACK TO SAVEPOINT s1"):
+        state.note(analyse_statement(sql))
+    state.on_ready(IN_TX, failed=False, tx_outcome=None)
+    state.on_ready(IDLE, failed=False, tx_outcome=True)
+    assert state.params["work_mem"] == "SET work_mem = '10MB'"
+
+
 def test_reset_returns_to_the_startup_value() -> None:
     state = SessionState({"user": "app", "application_name": "psql"})
     state.note(analyse_statement("SET application_name = 'other'"))
@@ -67,6 +76,6 @@ def test_reset_returns_to_the_startup_value() -> None:
 def test_replay_is_a_diff_and_nothing_when_equal() -> None:
     state = SessionState({"user": "app", "application_name": "psql"})
     assert state.replay_sql(state.params) is None
-    assert state.replay_sql({}) == "SET \"application_name\" = 'psql'"
-    server_state = {"application_name": "SET \"application_name\" = 'psql'", "work_mem": "SET work_mem = 1"}
+    assert state.replay_sql({}) == "SELECT pg_catalog.set_config('application_name', 'psql', false)"
+    server_state = {"application_name": state.params["application_name"], "work_mem": "SET work_mem = 1"}
     assert state.replay_sql(server_state) == 'RESET "work_mem"'
