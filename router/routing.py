@@ -1,0 +1,258 @@
+"""Router: the shard(s) each statement runs on, without a SQL parse per query (DESIGN.md
+Principle 3, "Parse once").
+
+Simple protocol: the statement's fingerprint (`parser.fingerprint`, a few microseconds) keys a
+bounded LRU cache of compiled route programs; a hit reads the key straight from the fingerprint's
+literal list, hashes it and returns a prebuilt Route. A miss runs the full analysis (sqlglot,
+~100 us and up) and compiles its plan. Extended protocol: `prepare` analyses once per Parse and
+`route_bind` routes each Bind from its parameter values.
+
+Decisions for values that name no row:
+- a NULL key (`key = $1` bound to NULL, `key = NULL`) matches no row, so any one shard gives the
+  right (empty) answer: the default shard is used;
+- a key value no range or list covers matches no row either (the default shard again); for an
+  INSERT both are errors, as PostgreSQL's partitioning would raise (23502, 23514);
+- a value that cannot be read as a key of the column's type (`int_key = 'abc'`, `int_key = 5.0`)
+  widens the route to every shard the other conditions allow: PostgreSQL decides what matches.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from parser.analysis import analyse
+from parser.fingerprint import Fingerprint, Literal, fingerprint
+from parser.hints import Hint, parse_hints
+from parser.plan import StatementKind, StatementPlan
+from parser.statements import split_statements
+from router.compile import compile_plan
+from router.keys import text_key
+from router.placement import NoShardForKey
+from router.route import FEATURE_NOT_SUPPORTED, Broadcast, Route, error_route
+from router.route_plan import Program, Values, resolve_columns
+from router.topology import TableSharding, Topology
+
+__all__ = ["Broadcast", "PreparedRoute", "Route", "Router"]
+
+DEFAULT_CACHE_SIZE = 10_000
+MAX_CACHED_STATEMENT = 16_384  # bytes of fingerprint; longer statements (bulk INSERTs) are not cached
+_SESSION_KINDS = (StatementKind.TRANSACTION, StatementKind.SET)
+
+
+class _Entry:
+    __slots__ = ("plan", "program", "version")
+
+    def __init__(self, plan: StatementPlan, program: Program, version: int) -> None:
+        self.plan, self.program, self.version = plan, program, version
+
+
+@dataclass(slots=True)
+class PreparedRoute:
+    """A Parse's analysis, kept with the prepared statement; routed per Bind."""
+
+    sql: str
+    plan: StatementPlan
+    literals: list[Literal]
+    hints: tuple[bytes, ...]
+    program: Program
+    version: int
+    param_types: tuple[int, ...] = ()
+
+
+class Router:
+    def __init__(self, topology: Topology, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
+        self.topology = topology
+        self.cache_size = cache_size
+        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._hints: dict[tuple[bytes, ...], Hint] = {}
+        self.hits = 0
+        self.misses = 0
+
+    # -- simple protocol ------------------------------------------------------------------
+
+    def route_simple(self, sql: bytes) -> Route:
+        """Route a Query message's SQL (one statement or several separated by semicolons)."""
+        fp = fingerprint(sql)
+        key = fp.key
+        semi = key.find(b";")  # strings and comments are masked in the key: a ';' there is real
+        if semi >= 0 and key[semi + 1 :].strip(b" \t\r\n\f;"):
+            parts = split_statements(sql.decode("utf-8", "surrogateescape"))
+            if len(parts) > 1:
+                return self._combine([self._route_one(p.encode("utf-8", "surrogateescape")) for p in parts])
+        return self._route_fingerprint(sql, fp)
+
+    def _route_one(self, sql: bytes) -> Route:
+        return self._route_fingerprint(sql, fingerprint(sql))
+
+    def _route_fingerprint(self, sql: bytes, fp: Fingerprint) -> Route:
+        cache = self._cache
+        entry = cache.get(fp.key)
+        if entry is None or len(fp.literals) != entry.plan.literal_count:
+            self.misses += 1
+            entry = self._analyse(sql, fp.key, len(fp.literals))
+        else:
+            self.hits += 1
+            cache.move_to_end(fp.key)
+            if entry.version != self.topology.version:
+                entry.program = compile_plan(entry.plan, self.topology)
+                entry.version = self.topology.version
+        values = Values(fp.literals)
+        if fp.hints:
+            return self._hinted(entry.plan, tuple(fp.hints), entry.program, values, sql)
+        return entry.program.route(values, sql)
+
+    def _analyse(self, sql: bytes, key: bytes, literal_count: int) -> _Entry:
+        plan = analyse(sql.decode("utf-8", "surrogateescape"))
+        entry = _Entry(plan, compile_plan(plan, self.topology), self.topology.version)
+        if plan.cacheable and plan.literal_count == literal_count and len(key) <= MAX_CACHED_STATEMENT:
+            cache = self._cache
+            cache[key] = entry
+            if len(cache) > self.cache_size:
+                cache.popitem(last=False)
+        return entry
+
+    def _combine(self, routes: list[Route]) -> Route:
+        """One route for a multi-statement query: one shard if every statement can run there."""
+        for r in routes:
+            if r.error is not None:
+                return Route(
+                    (),
+                    r.kind,
+                    r.write,
+                    reason="a statement is refused",
+                    error=r.error,
+                    statements=tuple(routes),
+                )
+        fixed = {s for r in routes if not r.omnisharded_read for s in r.shards}
+        if not fixed:
+            fixed = {s for r in routes for s in r.shards[:1]}
+        kinds = [r.kind for r in routes if r.kind not in _SESSION_KINDS]
+        write = any(r.write for r in routes)
+        if not kinds:  # only transaction control and SET: the session's business
+            return Route((), routes[0].kind, reason="session statements", statements=tuple(routes))
+        if len(fixed) <= 1 and not any(r.split for r in routes):
+            shard = next(iter(fixed), self.topology.default_shard)
+            routes = [
+                Route((shard,), r.kind, r.write, reason=r.reason, omnisharded_read=r.omnisharded_read)
+                if r.omnisharded_read
+                else r
+                for r in routes
+            ]
+            return Route(
+                (shard,),
+                kinds[0],
+                write,
+                reason=f"every statement on shard {shard}",
+                statements=tuple(routes),
+            )
+        shards = tuple(sorted(fixed | {s for r in routes if r.split for s, _ in r.split}))
+        return Route(
+            shards,
+            kinds[0],
+            write,
+            all_shards=len(shards) == self.topology.shard_count,
+            reason="statements on different shards",
+            statements=tuple(routes),
+        )
+
+    # -- extended protocol ----------------------------------------------------------------
+
+    def prepare(self, sql: str, param_types: Sequence[int] = ()) -> PreparedRoute:
+        """Analyse a Parse's statement once. `param_types` are the OIDs the Parse declares (0 or
+        absent: inferred by the server), used to tell whether a binary value can be read."""
+        raw = sql.encode("utf-8", "surrogateescape")
+        fp = fingerprint(raw)
+        entry = self._cache.get(fp.key)
+        types = tuple(param_types)
+        if entry is not None and entry.plan.literal_count == len(fp.literals) and entry.plan.cacheable:
+            plan = entry.plan
+        else:
+            plan = analyse(sql)
+        program = compile_plan(plan, self.topology, types)
+        return PreparedRoute(sql, plan, fp.literals, tuple(fp.hints), program, self.topology.version, types)
+
+    def route_bind(
+        self, prepared: PreparedRoute, params: Sequence[bytes | None], formats: Sequence[int] = ()
+    ) -> Route:
+        """Route one Bind of a prepared statement. Format codes follow the Bind rules: none means
+        text for all, one applies to all, otherwise one per parameter."""
+        if len(formats) > 1 and len(formats) != len(params):
+            return error_route(
+                prepared.plan.kind,
+                "08P01",
+                f"bind message has {len(formats)} parameter formats but {len(params)} parameters",
+            )
+        if prepared.version != self.topology.version:
+            prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types)
+            prepared.version = self.topology.version
+        values = Values(prepared.literals, params, formats)
+        if prepared.hints:
+            return self._hinted(prepared.plan, prepared.hints, prepared.program, values, prepared.sql)
+        return prepared.program.route(values, prepared.sql)
+
+    # -- hints ----------------------------------------------------------------------------
+
+    def _hinted(
+        self,
+        plan: StatementPlan,
+        hints: tuple[bytes, ...],
+        program: Program,
+        values: Values,
+        sql: str | bytes,
+    ) -> Route:
+        if plan.kind in _SESSION_KINDS:
+            return program.route(values, sql)
+        hint = self._hints.get(hints)
+        if hint is None:
+            hint = parse_hints(hints)
+            if len(self._hints) < 1024:
+                self._hints[hints] = hint
+        if hint.error is not None:
+            return error_route(plan.kind, "22023", hint.error, plan.write)
+        count = self.topology.shard_count
+        if hint.shard is not None:
+            if hint.shard >= count:
+                return error_route(
+                    plan.kind,
+                    "22023",
+                    f"pgshard hint shard={hint.shard} is out of range: there are "
+                    f"{count} shards (0..{count - 1})",
+                    plan.write,
+                )
+            return Route((hint.shard,), plan.kind, plan.write, reason=f"hint shard={hint.shard}")
+        if hint.key is not None:
+            sharding = self._hint_sharding(plan)
+            if isinstance(sharding, str):
+                return error_route(plan.kind, FEATURE_NOT_SUPPORTED, sharding, plan.write)
+            try:
+                shard = sharding.function.shard(text_key(sharding, hint.key.encode("utf-8"), insert=True))
+            except NoShardForKey as e:
+                return error_route(plan.kind, NoShardForKey.sqlstate, str(e), plan.write)
+            except (ValueError, TypeError) as e:
+                return error_route(plan.kind, "22P02", f"pgshard hint key={hint.key!r}: {e}", plan.write)
+            return Route((shard,), plan.kind, plan.write, reason=f"hint key={hint.key}")
+        return program.route(values, sql)
+
+    def _hint_sharding(self, plan: StatementPlan) -> TableSharding | str:
+        """The sharding a key hint is read with: the statement's sharded table, else the only
+        sharding of the database; a message if that is ambiguous."""
+        named = [s for s in resolve_columns(plan, self.topology) if s is not None]
+        candidates = named or list(self.topology.shardings)
+        kinds = {s.colocation for s in candidates}
+        if len(kinds) == 1:
+            return candidates[0]
+        where = "this statement's sharded tables" if named else "the sharded tables of this database"
+        return f"pgshard hint key= is ambiguous: {where} are sharded differently; use shard=N"
+
+    # -- introspection --------------------------------------------------------------------
+
+    def plan(self, sql: bytes) -> StatementPlan:
+        """The (cached) plan of one statement, for EXPLAIN-like views and tests."""
+        fp = fingerprint(sql)
+        entry = self._cache.get(fp.key)
+        return entry.plan if entry is not None else analyse(sql.decode("utf-8", "surrogateescape"))
+
+    def clear(self) -> None:
+        self._cache.clear()
