@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from parser.session_statements import SessionEffect
+
 _I32 = 4
 
 
@@ -21,22 +23,11 @@ class PreparedStatement:
     server_name: bytes
     parse_message: bytes
     query: bytes
+    effects: tuple[SessionEffect, ...] = ()  # on session state, applied each time it is bound
 
 
 def _frame(msg_type: bytes, body: bytes) -> bytes:
     return msg_type + (len(body) + _I32).to_bytes(4, "big") + body
-
-
-def cstring_end(body: bytes | bytearray | memoryview, start: int) -> int:
-    """Index of the NUL ending the string at `start`; ValueError if there is none."""
-    end = (
-        bytes(body[start : start + 4096]).find(b"\x00")
-        if isinstance(body, memoryview)
-        else body.find(b"\x00", start)
-    )
-    if end < 0:
-        raise ValueError("missing string terminator")
-    return end if not isinstance(body, memoryview) else start + end
 
 
 def prepared_from_parse(body: bytes) -> tuple[bytes, PreparedStatement]:

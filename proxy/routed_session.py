@@ -264,6 +264,15 @@ class RoutedSession(ClientSession):
     def _finish_group(self) -> bool:
         """Send a whole extended-protocol group (up to Sync/Flush) where its Binds route."""
         group = self.group
+        if (
+            self.server is None
+            and not self.held
+            and self.distributed is None
+            and group[0][0] == _P
+            and self.answer_parses_locally(b"".join(message for _, message, _ in group))
+        ):
+            self.group, self.group_ready = [], False
+            return True
         targets: set[int] = set()
         multi = False
         for _, _, route in group:

@@ -13,11 +13,13 @@ ReadyForQuery 'I' that answers the client's last outstanding Sync (transaction p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from parser.session_statements import Effect, analyse_query, mentions_session_function
+from parser.session_statements import Effect, SessionEffect, analyse_query, mentions_session_function
 from parser.statements import has_more_statements, leading_keyword
 from pooler.background import spawn
 from pooler.pool import Pool
@@ -83,6 +85,7 @@ class ClientSession(asyncio.Protocol):
         # Sync groups (by number) whose replies are ours to drop: queries pgshard itself added.
         self.drop_groups: deque[int] = deque()
         self.follow_up: str | None = None  # a query of ours to send right after the client's
+        self.unnamed_effects: tuple[SessionEffect, ...] = ()
         self.srv_skip = 0  # bytes of a message that continues in the next chunk
         self.srv_skip_drop = False
         self.srv_carry = b""  # a header or a message we must see whole, split across chunks
@@ -301,6 +304,8 @@ class ClientSession(asyncio.Protocol):
                     return
             if self.pool is None:
                 return
+            if data[0] == _P and self.answer_parses_locally(data):
+                return
             server = self.pool.try_acquire()
             if server is None:
                 self.buf += data
@@ -326,6 +331,10 @@ class ClientSession(asyncio.Protocol):
             if msg_type in _SYNCING:
                 self.sent_syncs += 1
                 self.unsynced = False
+                if self.follow_up is not None:
+                    out.append(data[flushed:end])
+                    flushed = end
+                    self._add_follow_up(out)
             elif msg_type == _Q:
                 replacement = self._client_query(data, pos, end)
                 self.sent_syncs += 1
@@ -363,6 +372,7 @@ class ClientSession(asyncio.Protocol):
             self.sent_syncs += 1
             self.unsynced = False
             out.append(message)
+            self._add_follow_up(out)
         elif msg_type == _Q:
             replacement = self._client_query(message, 0, len(message))
             self.sent_syncs += 1
@@ -395,12 +405,25 @@ class ClientSession(asyncio.Protocol):
             sql = data[pos + 5 : end - 1].decode()
         except UnicodeDecodeError:
             return None  # the server will say what is wrong with it
-        return self._note_effects(sql)
+        return self._apply_effects(analyse_query(sql))
 
-    def _note_effects(self, sql: str) -> bytes | None:
+    def _effects_of(self, query: bytes) -> tuple[SessionEffect, ...]:
+        """Session effects of a statement being prepared, applied each time it is bound."""
+        keyword = leading_keyword(query)
+        if keyword in _SESSION_KEYWORDS or (
+            keyword in _FUNCTION_KEYWORDS and mentions_session_function(query)
+        ):
+            try:
+                return tuple(analyse_query(query.decode()))
+            except UnicodeDecodeError:
+                return ()
+        return ()
+
+    def _apply_effects(self, effects: Iterable[SessionEffect]) -> bytes | None:
+        """Track what statements about to run do to the session; a replacement Query, or None."""
         assert self.state is not None and self.server is not None
         replacement: bytes | None = None
-        for effect in analyse_query(sql):
+        for effect in effects:
             kind = effect.effect
             if kind is Effect.PIN:
                 if self.pinned is None:
@@ -444,23 +467,23 @@ class ClientSession(asyncio.Protocol):
             else:
                 stmt_name = prepared.bind_statement_name(body)
             if not stmt_name:
+                if self.unnamed_effects:
+                    self._apply_effects(self.unnamed_effects)
                 return None
             stmt = self.statements.get(stmt_name)
             if stmt is None:
                 return None  # the server reports the unknown name
-            return self._ensure_prepared(stmt) + prepared.rename_bind(body, stmt.server_name)
+            replacement = self._ensure_prepared(stmt) + prepared.rename_bind(body, stmt.server_name)
+            if stmt.effects:
+                self._apply_effects(stmt.effects)
+            return replacement
         if msg_type == _P:
-            if body[0] == 0:  # unnamed statement: passes through, but may SET
-                keyword = leading_keyword(body, 1)
-                if keyword in _SESSION_KEYWORDS or (
-                    keyword in _FUNCTION_KEYWORDS and mentions_session_function(body)
-                ):
-                    self._parse_effects(body[1:])
+            if body[0] == 0:  # unnamed statement: passes through; its effects count when bound
+                self.unnamed_effects = self._effects_of(body[1 : body.index(b"\x00", 1)])
                 self.parse_q.append((self.sent_syncs, False, b""))
                 return None
-            name, stmt = prepared.prepared_from_parse(body)
+            name, stmt = self._prepared_from_parse(body)
             self.statements[name] = stmt
-            self._parse_effects(stmt.query)
             server = self.server
             assert server is not None
             out = b""
@@ -484,12 +507,10 @@ class ClientSession(asyncio.Protocol):
         self.close_q.append((self.sent_syncs, False))
         return None
 
-    def _parse_effects(self, query: bytes) -> None:
-        try:
-            sql = query.rstrip(b"\x00").split(b"\x00", 1)[0].decode()
-        except UnicodeDecodeError:
-            return
-        self._note_effects(sql)
+    def _prepared_from_parse(self, body: bytes) -> tuple[bytes, prepared.PreparedStatement]:
+        name, stmt = prepared.prepared_from_parse(body)
+        effects = self._effects_of(stmt.query)
+        return name, (dataclasses.replace(stmt, effects=effects) if effects else stmt)
 
     def _ensure_prepared(self, stmt: prepared.PreparedStatement) -> bytes:
         """The Parse to send before a message that uses `stmt`, if the server does not have it yet."""
@@ -511,6 +532,35 @@ class ClientSession(asyncio.Protocol):
         server.prepared[stmt.server_name] = None
         self.parse_q.append((self.sent_syncs, dropped, stmt.server_name))
         return out + stmt.parse_message
+
+    def answer_parses_locally(self, data: bytes) -> bool:
+        """Named Parse messages and a Sync, outside a transaction: remembered and answered by pgshard.
+
+        A client preparing a statement (libpq's PQprepare, pgbench -M prepared) waits for the answer
+        without sending anything else; taking a server connection for it can stall behind other
+        clients' transactions. The statement is prepared where the next Bind runs, so a syntax error
+        shows there instead.
+        """
+        if self.status != 0x49 or data[-5:] != frontend.SYNC:
+            return False
+        parsed: list[tuple[bytes, prepared.PreparedStatement]] = []
+        pos, n = 0, len(data) - 5
+        while pos < n:
+            if data[pos] != _P or n - pos < 5:
+                return False
+            end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+            if end > n or data[pos + 5] == 0:
+                return False
+            name, stmt = self._prepared_from_parse(data[pos + 5 : end])
+            parsed.append((name, stmt))
+            pos = end
+        if not parsed:
+            return False
+        for name, stmt in parsed:
+            self.statements[name] = stmt
+        assert self.transport is not None
+        self.transport.write(backend.PARSE_COMPLETE * len(parsed) + backend.READY_IDLE)
+        return True
 
     def _discard_to_sync(self, data: bytes) -> bytes:
         """After a failure to get a server, drop the client's messages up to its Sync, as PostgreSQL does."""
@@ -610,7 +660,6 @@ class ClientSession(asyncio.Protocol):
             if self.srv_skip_drop:
                 out_from = step
             pos = step
-        release = False
         drained = False
         while pos < n:
             if n - pos < 6 and (n - pos < 5 or data[pos] == _Z):
@@ -620,37 +669,18 @@ class ClientSession(asyncio.Protocol):
             msg_type = data[pos]
             end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
             drop = False
+            ready = False
             if self.drop_groups and self.drop_groups[0] == self.done_syncs + 1:
                 drop = True
                 if msg_type == _Z:
                     self.drop_groups.popleft()
-                    self.done_syncs += 1
+                    ready = True
                 elif msg_type == _ERROR:
-                    log.warning(
-                        "replaying session state failed", peer=self.peer, detail=data[pos + 5 : end][:200]
-                    )
+                    detail = data[pos + 5 : end][:200]
+                    log.warning("a query of pgshard's own failed", peer=self.peer, detail=detail)
                     server.session_state = {}
             elif msg_type == _Z:
-                self.done_syncs += 1
-                self.status = data[pos + 5]
-                self._on_ready(server)
-                drained = self.done_syncs == self.sent_syncs
-                if (
-                    self.done_syncs == self.sent_syncs
-                    and self.status == 0x49
-                    and not self.unsynced
-                    and self.pinned is None
-                    and self.mode != "session"
-                ):
-                    release = True
-                    end = min(end, n)
-                    if kept is None:
-                        kept = []
-                    kept.append(data[out_from:end])
-                    # Whatever follows (an asynchronous notice) still belongs to this client.
-                    self._forward(kept, data, end, n)
-                    self._release(server, b"")
-                    return
+                ready = True
             elif msg_type == _PARSE_COMPLETE:
                 if self.parse_q:
                     drop = self.parse_q.popleft()[1]
@@ -674,16 +704,32 @@ class ClientSession(asyncio.Protocol):
                     kept = []
                 kept.append(data[out_from:pos])
                 out_from = min(end, n)
+            if ready:
+                self.done_syncs += 1
+                self.status = data[pos + 5]
+                if not drop:
+                    self._on_ready(server)
+                drained = self.done_syncs == self.sent_syncs
+                if (
+                    drained
+                    and self.status == 0x49
+                    and not self.unsynced
+                    and self.pinned is None
+                    and self.mode != "session"
+                ):
+                    # Whatever follows (an asynchronous notice) still belongs to this client.
+                    self._forward(kept, data, out_from, n)
+                    self._release(server, b"")
+                    return
             if end > n:
                 self.srv_skip = end - n
                 self.srv_skip_drop = drop
                 pos = n
                 break
             pos = end
-        if not release:
-            self._forward(kept, data, out_from, n)
-            if drained:
-                self.drained()
+        self._forward(kept, data, out_from, n)
+        if drained:
+            self.drained()
 
     def _forward(self, kept: list[bytes] | None, data: bytes, out_from: int, upto: int) -> None:
         transport = self.transport

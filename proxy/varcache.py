@@ -27,6 +27,8 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
     }
     if params.get("options"):
         settings.update(options_settings(params["options"]))
+    # A client that names no application gets '', not the name pgshard's server connections use.
+    settings.setdefault("application_name", "")
     return {key: set_statement(key, value) for key, value in settings.items()}
 
 
@@ -64,7 +66,7 @@ class SessionState:
         `failed`: an ErrorResponse came since the statements were sent. `tx_outcome`: True if a
         COMMIT, False if a ROLLBACK completed meanwhile (a block ended).
         """
-        if tx_outcome is not None and self.tx_pending:
+        if tx_outcome is not None and self.tx_pending and status == 0x49:  # the block ended
             if tx_outcome:
                 self._apply(self.tx_pending)
             self.tx_pending = []
