@@ -86,6 +86,7 @@ class ClientSession(asyncio.Protocol):
         self.drop_groups: deque[int] = deque()
         self.follow_up: str | None = None  # a query of ours to send right after the client's
         self.unnamed_effects: tuple[SessionEffect, ...] = ()
+        self.unpin_when_ready = False
         self.srv_skip = 0  # bytes of a message that continues in the next chunk
         self.srv_skip_drop = False
         self.srv_carry = b""  # a header or a message we must see whole, split across chunks
@@ -452,6 +453,7 @@ class ClientSession(asyncio.Protocol):
                 if kind is Effect.DISCARD_ALL:
                     self.statements.clear()
                     self.server.prepared.clear()
+                    self.unpin_when_ready = True  # temp tables, locks, LISTEN, cursors: all gone
                 if kind in (Effect.DISCARD_ALL, Effect.RESET_ALL) and self.state.baseline:
                     # The server resets to its own start-up values; the client's are put back after.
                     self.follow_up = "; ".join(self.state.baseline.values())
@@ -760,6 +762,11 @@ class ClientSession(asyncio.Protocol):
             state.on_ready(self.status, self.failed, self.tx_outcome)
             self.tracking_tags = bool(state.tx_pending)
             server.session_state = state.params
+        if self.unpin_when_ready:
+            self.unpin_when_ready = False
+            if self.pinned is not None and not self.failed and self.status == 0x49:
+                self.pinned = None
+                self.app.pinned_clients -= 1
         self.failed = False
         self.tx_outcome = None
 
