@@ -136,6 +136,7 @@ class Database:
     omnisharded_tables: tuple[str, ...] = ()
     sharded_tables: tuple[ShardedTable, ...] = ()
     shard_key: str | None = None  # a column that shards every table having it
+    shard_key_type: str = "bigint"  # the hash of shard_key values depends on it
 
     def sharded_table(self, name: str) -> ShardedTable | None:
         return next((t for t in self.sharded_tables if t.name == name), None)
@@ -323,6 +324,7 @@ def _read_database(t: Table) -> Database:
         omnisharded_tables=omnisharded,
         sharded_tables=sharded,
         shard_key=t.string("shard_key", None),
+        shard_key_type=t.choice("shard_key_type", KEY_TYPES, "bigint"),
     )
 
 
