@@ -20,16 +20,26 @@ from proxy.log import log
 
 USER, PASSWORD, DATABASE = "app", "secret", "app"
 
-SAMPLE_SCHEMA = """
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS countries (code text PRIMARY KEY, name text NOT NULL);
 CREATE TABLE IF NOT EXISTS customers (id bigint PRIMARY KEY, name text NOT NULL, country text);
 CREATE TABLE IF NOT EXISTS orders (
     id bigint NOT NULL, customer_id bigint NOT NULL, amount numeric(12, 2) NOT NULL,
     created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (customer_id, id));
-INSERT INTO customers SELECT i, 'customer ' || i, (ARRAY['uk','us','de','fr'])[1 + i % 4]
-  FROM generate_series(1, 100) i ON CONFLICT DO NOTHING;
-INSERT INTO orders SELECT i, 1 + i % 100, (i % 977) / 10.0, now() - i * interval '1 hour'
-  FROM generate_series(1, 1000) i ON CONFLICT DO NOTHING;
 """
+COUNTRIES = [("uk", "United Kingdom"), ("us", "United States"), ("de", "Germany"), ("fr", "France")]
+
+
+def sample_data() -> str:
+    """Multi-row INSERTs: pgshard splits each across the shards by key."""
+    countries = ", ".join(f"('{code}', '{name}')" for code, name in COUNTRIES)
+    customers = ", ".join(f"({i}, 'customer {i}', '{COUNTRIES[i % 4][0]}')" for i in range(1, 101))
+    orders = ", ".join(f"({i}, {1 + i % 100}, {(i % 977) / 10.0:.2f})" for i in range(1, 1001))
+    return (
+        f"INSERT INTO countries (code, name) VALUES {countries} ON CONFLICT DO NOTHING;\n"
+        f"INSERT INTO customers (id, name, country) VALUES {customers} ON CONFLICT DO NOTHING;\n"
+        f"INSERT INTO orders (id, customer_id, amount) VALUES {orders} ON CONFLICT DO NOTHING;\n"
+    )
 
 
 def demo_config(servers: list[LocalPostgres], port: int) -> str:
@@ -50,8 +60,19 @@ pool_size = 10
 [[databases]]
 name = "{DATABASE}"
 default_shard = 0
+virtual_shards = {len(servers) * 64}
+omnisharded_tables = ["countries"]
 
 {shards}
+[[databases.sharded_tables]]
+name = "customers"
+column = "id"
+data_type = "bigint"
+
+[[databases.sharded_tables]]
+name = "orders"
+column = "customer_id"
+data_type = "bigint"
 """
 
 
@@ -80,7 +101,7 @@ def load_sample(port: int) -> None:
         log.warning("psql not found: sample schema not loaded")
         return
     env = dict(os.environ, PGPASSWORD=PASSWORD)
-    subprocess.run(
+    result = subprocess.run(
         [
             psql,
             "-X",
@@ -96,12 +117,13 @@ def load_sample(port: int) -> None:
             "-d",
             DATABASE,
         ],
-        input=SAMPLE_SCHEMA,
+        input=SCHEMA + sample_data(),
         text=True,
         env=env,
-        check=True,
         capture_output=True,
     )
+    if result.returncode != 0:
+        log.warning("loading the sample data failed", error=result.stderr.strip())
 
 
 async def _serve_demo(config: Config, port: int) -> None:
