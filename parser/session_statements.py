@@ -64,9 +64,11 @@ _PIN_REASONS = {
 }
 
 
-def mentions_session_function(sql: bytes | bytearray | memoryview) -> bool:
+def mentions_session_function(
+    sql: bytes | bytearray | memoryview, start: int = 0, end: int | None = None
+) -> bool:
     """Cheap pre-check for set_config(...) and session advisory locks inside an ordinary query."""
-    return _SESSION_FUNCTION.search(sql) is not None
+    return _SESSION_FUNCTION.search(sql, start, len(sql) if end is None else end) is not None
 
 
 def _param_key(raw: str) -> str:

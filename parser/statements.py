@@ -33,10 +33,14 @@ def leading_words(sql: str) -> tuple[str, str, str]:
     return tuple((w or "").upper() for w in m.groups())  # type: ignore[return-value]
 
 
-def has_more_statements(sql: bytes | bytearray, start: int = 0) -> bool:
+_MORE_AFTER_SEMICOLON = re.compile(rb";[\s;\x00]*[^\s;\x00]")
+
+
+def has_more_statements(sql: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
     """Whether a simple Query may carry several statements (cheap pre-check before splitting)."""
-    semi = sql.find(b";", start)
-    return semi >= 0 and bool(bytes(sql[semi + 1 :]).strip(b" \t\r\n\x00;"))
+    stop = len(sql) if end is None else end
+    semi = sql.find(b";", start, stop)
+    return semi >= 0 and _MORE_AFTER_SEMICOLON.search(sql, semi, stop) is not None
 
 
 def split_statements(sql: str) -> list[str]:

@@ -143,6 +143,8 @@ class ServerConnection(asyncio.Protocol):
 
     def take_inbox(self) -> bytes:
         """Bytes that arrived unlinked and unread (asynchronous notices); handed to the next session."""
+        if not self._inbox:
+            return b""
         data = bytes(self._inbox)
         self._inbox.clear()
         return data

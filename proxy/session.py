@@ -398,8 +398,8 @@ class ClientSession(asyncio.Protocol):
         keyword = leading_keyword(data, pos + 5)
         if not (
             keyword in _SESSION_KEYWORDS
-            or (keyword in _FUNCTION_KEYWORDS and mentions_session_function(data[pos + 5 : end]))
-            or has_more_statements(data[pos + 5 : end])
+            or (keyword in _FUNCTION_KEYWORDS and mentions_session_function(data, pos + 5, end))
+            or has_more_statements(data, pos + 5, end)
         ):
             return None
         try:
