@@ -11,21 +11,18 @@ import contextlib
 import resource
 import socket
 import ssl
-import time
 import weakref
 from typing import TYPE_CHECKING
 
-from pooler.background import spawn
 from pooler.pool import Pool, PoolSettings
 from pooler.server_connection import ServerTarget
+from proxy import janitor
 from proxy.config import Config
 from proxy.log import log
 
 if TYPE_CHECKING:
     from proxy.session import ClientSession
     from router.routing import Router
-
-_JANITOR_INTERVAL = 1.0
 
 
 def raise_open_files_limit(wanted: int) -> int:
@@ -53,6 +50,7 @@ class ProxyApp:
         self.cancel_keys: dict[int, ClientSession] = {}
         self.ssl_context = self._ssl_context()
         self.routers: dict[str, Router | None] = {}
+        self.coordinators: dict[str, janitor.Coordinator] = {}
         self.server: asyncio.Server | None = None
         self._janitor: asyncio.Task[None] | None = None
 
@@ -146,6 +144,7 @@ class ProxyApp:
 
         general = self.config.general
         raise_open_files_limit(general.max_client_conn * 2 + 1024)
+        await janitor.prepare_two_phase(self)
         loop = asyncio.get_running_loop()
         if sock is not None:
             self.server = await loop.create_server(lambda: ClientSession(self), sock=sock, backlog=4096)
@@ -158,18 +157,8 @@ class ProxyApp:
                 reuse_port=general.workers > 1,
                 backlog=4096,
             )
-        self._janitor = loop.create_task(self._janitor_loop())
+        self._janitor = loop.create_task(janitor.run(self))
         log.info("listening", listen=general.listen, pool_mode=general.pool_mode, workers=general.workers)
-
-    async def _janitor_loop(self) -> None:
-        """Periodic maintenance: idle and old server connections, minimum pool sizes."""
-        while True:
-            await asyncio.sleep(_JANITOR_INTERVAL)
-            now = time.monotonic()
-            for pool in list(self.pools.values()):
-                pool.reap_idle(now)
-                if pool.size < pool.settings.min_size:
-                    spawn(pool.fill_min())
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -45,10 +45,16 @@ async def serve(
 
 def run_workers(config: Config) -> int:
     """`workers` processes sharing the port with SO_REUSEPORT, each with its own pools."""
+    from proxy.janitor import StartupError
+
     install_event_loop_policy()
     workers = config.general.workers
     if workers == 1:
-        asyncio.run(serve(config))
+        try:
+            asyncio.run(serve(config))
+        except StartupError as exc:
+            log.error("cannot start", reason=str(exc))
+            return 2
         return 0
     children: list[int] = []
     for _ in range(workers):

@@ -57,6 +57,7 @@ class General:
     log_format: str = "auto"
     query_timeout: float = 0.0  # per fan-out query; 0 = none
     max_prepared_statements: int = 1000  # LRU bound per server connection
+    two_phase_commit: bool = True  # false: multi-shard commits are one COMMIT per shard, not atomic
 
     @property
     def host(self) -> str:
@@ -203,6 +204,7 @@ def _read_general(t: Table, base: Path) -> General:
         max_prepared_statements=t.integer(
             "max_prepared_statements", _GENERAL.max_prepared_statements, minimum=1
         ),
+        two_phase_commit=t.boolean("two_phase_commit", _GENERAL.two_phase_commit),
     )
 
 

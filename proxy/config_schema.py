@@ -287,6 +287,9 @@ class Table:
             raise self.error(name, f"must be at most {maximum}, got {value}")
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        return bool(self._get(name, default, "true or false", lambda v: type(v) is bool))
+
     def seconds(self, name: str, default: float, positive: bool = False) -> float:
         """A duration in seconds: an integer or a float, never negative (nor zero if `positive`)."""
         value = self._get(name, default, "a number of seconds", lambda v: type(v) in (int, float))

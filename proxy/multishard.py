@@ -21,6 +21,7 @@ from proxy import prepared
 from proxy.log import log
 from proxy.protocol import backend, frontend
 from router.scatter import frame, merge_replies, scatter
+from router.twophase import commit_two_phase
 
 if TYPE_CHECKING:
     from proxy.routed_session import RoutedSession
@@ -38,6 +39,7 @@ class DistributedTransaction:
     begin: list[bytes]  # Query messages (BEGIN, SAVEPOINT ...) to replay on shards that join
     servers: dict[int, ServerConnection] = field(default_factory=dict)
     failed: bool = False
+    wrote: set[int] = field(default_factory=set)  # shards that must be prepared; the rest just commit
 
 
 # server connections ---------------------------------------------------------------------------------
@@ -191,22 +193,41 @@ async def run_query(session: RoutedSession, route: Route, message: bytes) -> Non
         _reply(session, body, _FAILED if error else _IN_BLOCK)
         return
     if atomic:
-        body, error = await _finish_implicit(servers, body, error)
-    release(session, servers)
+        body, error, broken = await _finish_implicit(session, servers, body, error)
+        release(session, servers, broken=broken)
+    else:
+        release(session, servers)
     _reply(session, body, _IDLE)
 
 
 async def _finish_implicit(
-    servers: dict[int, ServerConnection], body: bytes, error: dict[str, str] | None
-) -> tuple[bytes, dict[str, str] | None]:
-    """Commit an implicit multi-shard transaction if every shard succeeded, else roll back all."""
+    session: RoutedSession, servers: dict[int, ServerConnection], body: bytes, error: dict[str, str] | None
+) -> tuple[bytes, dict[str, str] | None, bool]:
+    """Commit an implicit multi-shard transaction if every shard succeeded, else roll back all.
+
+    Returns (reply, error fields, whether the connections must be discarded).
+    """
     if error is not None:
         await _run_each(servers, "ROLLBACK")
-        return body, error
+        return body, error, False
+    try:
+        await commit(session, servers, None)
+    except ServerError as exc:
+        return _error_body(exc), exc.fields or {"C": exc.sqlstate}, True
+    return body, None, False
+
+
+async def commit(
+    session: RoutedSession, servers: dict[int, ServerConnection], wrote: set[int] | None
+) -> None:
+    """Commit on every shard: two-phase when configured and several shards wrote, else one by one."""
+    coordinator = session.app.coordinators.get(session.database)
+    if coordinator is not None and len(servers) > 1:
+        await commit_two_phase(servers, wrote, coordinator.decision_log, coordinator.gid_prefix)
+        return
     errors = await _run_each(servers, "COMMIT")
     if errors:
-        return _error_body(errors[0]), errors[0].fields
-    return body, None
+        raise errors[0]
 
 
 async def grow_and_run(session: RoutedSession, shard: int, messages: list[bytes]) -> None:
@@ -217,6 +238,7 @@ async def grow_and_run(session: RoutedSession, shard: int, messages: list[bytes]
     server.sink = None
     dist = DistributedTransaction(begin=session.block_begin or [frontend.query("BEGIN")])
     dist.servers[session.shard] = server
+    dist.wrote.add(session.shard)  # what ran there passed through unexamined: assume it wrote
     dist.failed = session.status == _FAILED[0]
     session.shard = -1
     session.distributed = dist
@@ -249,7 +271,7 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
     sql = message[5:-1]
     first, second, _ = leading_words(sql[:64].decode("utf-8", "replace"))
     if first in ("COMMIT", "END", "ROLLBACK", "ABORT") and second not in ("TO", "PREPARED"):
-        await _end(session, dist, commit=first in ("COMMIT", "END"))
+        await _end(session, dist, commit_block=first in ("COMMIT", "END"))
         return
     if first in ("SAVEPOINT", "RELEASE") or (first == "ROLLBACK" and second == "TO"):
         replies = await scatter(
@@ -280,22 +302,30 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
         shards = [session.pinned_shard]
     await _join(session, dist, shards)
     targets = [(s, dist.servers[s]) for s in sorted(set(shards))]
+    if route.write:
+        dist.wrote.update(s for s, _ in targets)
     replies = await scatter(targets, _payloads(route, message, [s for s, _ in targets]), 1, _timeout(session))
     body, error = merge_replies(replies)
     dist.failed = error is not None
     _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
 
 
-async def _end(session: RoutedSession, dist: DistributedTransaction, commit: bool) -> None:
-    """COMMIT or ROLLBACK on every shard of the block, then the connections go back to their pools."""
-    tag = b"COMMIT" if commit and not dist.failed else b"ROLLBACK"
-    errors = await _run_each(dist.servers, tag.decode())
+async def _end(session: RoutedSession, dist: DistributedTransaction, commit_block: bool) -> None:
+    """COMMIT (two-phase when several shards wrote) or ROLLBACK on every shard of the block."""
     session.distributed = None
-    release(session, dist.servers, broken=bool(errors))
-    if errors:
-        _reply(session, _error_body(errors[0]), _IDLE)
+    if commit_block and not dist.failed:
+        try:
+            await commit(session, dist.servers, dist.wrote)
+        except ServerError as exc:
+            release(session, dist.servers, broken=True)
+            _reply(session, _error_body(exc), _IDLE)
+            return
+        release(session, dist.servers)
+        _reply(session, frame(ord("C"), b"COMMIT\x00"), _IDLE)
         return
-    _reply(session, frame(ord("C"), tag + b"\x00"), _IDLE)
+    errors = await _run_each(dist.servers, "ROLLBACK")
+    release(session, dist.servers, broken=bool(errors))
+    _reply(session, frame(ord("C"), b"ROLLBACK\x00"), _IDLE)
 
 
 # extended protocol ----------------------------------------------------------------------------------
@@ -360,12 +390,15 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         raise
     body, failed = _merge_group(plan, replies, skips)
     if dist is not None:
+        if write:
+            dist.wrote.update(involved)
         dist.failed = failed
         _reply(session, body, _FAILED if failed else _IN_BLOCK)
         return
+    broken = False
     if atomic:
-        body, _error = await _finish_implicit(servers, body, {"C": "error"} if failed else None)
-    release(session, servers)
+        body, _, broken = await _finish_implicit(session, servers, body, {"C": "error"} if failed else None)
+    release(session, servers, broken=broken)
     _reply(session, body, _IDLE if not in_block else _IN_BLOCK)
 
 

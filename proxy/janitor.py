@@ -1,0 +1,138 @@
+"""Periodic maintenance of one worker: idle and old server connections, minimum pool sizes, and the
+recovery of two-phase commits that a crashed proxy (this one or another) left in doubt.
+
+Nothing here is on the query path. Two-phase commit decisions live in PostgreSQL (DESIGN.md,
+principle 6), so any proxy's janitor can finish any proxy's transactions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pooler.background import spawn
+from pooler.server_connection import ServerConnection, ServerError, ServerTarget, open_server_connection
+from proxy.log import log
+from router.twophase import DecisionLog, check_prepared_transactions, recover
+
+if TYPE_CHECKING:
+    from proxy.app import ProxyApp
+    from proxy.config import Database
+
+POOL_INTERVAL = 1.0
+RECOVERY_INTERVAL = 30.0
+
+
+class StartupError(Exception):
+    """The cluster cannot be served as configured; the message says what to change."""
+
+
+@dataclass(slots=True)
+class Coordinator:
+    """What a database's distributed commits need: where decisions go and how its gids start."""
+
+    decision_log: DecisionLog
+    gid_prefix: str
+    targets: list[ServerTarget]
+
+
+def shard_targets(database: Database) -> list[ServerTarget]:
+    """Connections with each shard URL's own credentials (the owner of prepared transactions)."""
+    return [
+        ServerTarget(s.address.host, s.address.port, s.address.user, s.address.password, s.address.dbname)
+        for s in database.shards
+    ]
+
+
+def gid_prefix(database_name: str) -> str:
+    """Per database, so two databases whose shards share a server never resolve each other's."""
+    return (
+        f"pgshard_{database_name}"
+        if re.fullmatch(r"[A-Za-z][A-Za-z0-9_]{0,40}", database_name)
+        else "pgshard"
+    )
+
+
+async def prepare_two_phase(app: ProxyApp) -> None:
+    """At start-up: check every shard can prepare transactions, create the decision table, recover."""
+    general = app.config.general
+    for database in app.config.databases:
+        if len(database.shards) < 2 or not general.two_phase_commit:
+            continue
+        targets = shard_targets(database)
+        for index, target in enumerate(targets):
+            try:
+                conn = await open_server_connection(target, general.connect_timeout, "pgshard-2pc")
+            except ServerError as exc:
+                log.warning(
+                    "shard unreachable at start-up", database=database.name, shard=index, error=exc.message
+                )
+                continue
+            try:
+                problem = await check_prepared_transactions(conn, index)
+            finally:
+                conn.close()
+            if problem:
+                raise StartupError(f"database {database.name}: {problem}")
+        default = targets[database.default_shard]
+
+        def connect(target: ServerTarget = default) -> asyncio.Future[ServerConnection]:
+            return asyncio.ensure_future(
+                open_server_connection(target, general.connect_timeout, "pgshard-2pc")
+            )
+
+        coordinator = Coordinator(DecisionLog(connect), gid_prefix(database.name), targets)
+        try:
+            await coordinator.decision_log.ensure_schema()
+        except ServerError as exc:
+            log.warning("two-phase commit log not ready", database=database.name, error=exc.message)
+        app.coordinators[database.name] = coordinator
+    await recover_all(app)
+
+
+async def recover_all(app: ProxyApp) -> None:
+    """Finish in-doubt transactions old enough that no live proxy is still committing them."""
+    timeout = app.config.general.connect_timeout
+    for name, coordinator in app.coordinators.items():
+        shards = {
+            i: (lambda t=target: open_server_connection(t, timeout, "pgshard-2pc"))
+            for i, target in enumerate(coordinator.targets)
+        }
+        try:
+            report = await recover(shards, coordinator.decision_log, gid_prefix=coordinator.gid_prefix)
+        except ServerError as exc:
+            log.warning("two-phase recovery failed", database=name, error=exc.message)
+            continue
+        if report.committed or report.rolled_back:
+            log.info(
+                "two-phase recovery",
+                database=name,
+                committed=report.committed,
+                rolled_back=report.rolled_back,
+            )
+        if not report.clean:
+            log.warning(
+                "two-phase recovery incomplete",
+                database=name,
+                failed=report.failed,
+                unreachable=report.unreachable,
+            )
+
+
+async def run(app: ProxyApp) -> None:
+    """The janitor loop: pools every second, two-phase recovery every RECOVERY_INTERVAL."""
+    next_recovery = time.monotonic() + RECOVERY_INTERVAL
+    recovering: asyncio.Task[None] | None = None
+    while True:
+        await asyncio.sleep(POOL_INTERVAL)
+        now = time.monotonic()
+        for pool in list(app.pools.values()):
+            pool.reap_idle(now)
+            if pool.size < pool.settings.min_size:
+                spawn(pool.fill_min())
+        if app.coordinators and now >= next_recovery and (recovering is None or recovering.done()):
+            next_recovery = now + RECOVERY_INTERVAL
+            recovering = spawn(recover_all(app))
