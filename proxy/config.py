@@ -58,6 +58,7 @@ class General:
     query_timeout: float = 0.0  # per fan-out query; 0 = none
     max_prepared_statements: int = 1000  # LRU bound per server connection
     two_phase_commit: bool = True  # false: multi-shard commits are one COMMIT per shard, not atomic
+    two_phase_recovery_delay: float = 30.0  # in-doubt transactions younger than this may still be committing
 
     @property
     def host(self) -> str:
@@ -205,6 +206,7 @@ def _read_general(t: Table, base: Path) -> General:
             "max_prepared_statements", _GENERAL.max_prepared_statements, minimum=1
         ),
         two_phase_commit=t.boolean("two_phase_commit", _GENERAL.two_phase_commit),
+        two_phase_recovery_delay=t.seconds("two_phase_recovery_delay", _GENERAL.two_phase_recovery_delay),
     )
 
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from proxy.config import Database
 
 POOL_INTERVAL = 1.0
-RECOVERY_INTERVAL = 30.0
+RECOVERY_INTERVAL = 5.0
 
 
 class StartupError(Exception):
@@ -102,7 +102,12 @@ async def recover_all(app: ProxyApp) -> None:
             for i, target in enumerate(coordinator.targets)
         }
         try:
-            report = await recover(shards, coordinator.decision_log, gid_prefix=coordinator.gid_prefix)
+            report = await recover(
+                shards,
+                coordinator.decision_log,
+                older_than=app.config.general.two_phase_recovery_delay,
+                gid_prefix=coordinator.gid_prefix,
+            )
         except ServerError as exc:
             log.warning("two-phase recovery failed", database=name, error=exc.message)
             continue
@@ -123,7 +128,11 @@ async def recover_all(app: ProxyApp) -> None:
 
 
 async def run(app: ProxyApp) -> None:
-    """The janitor loop: pools every second, two-phase recovery every RECOVERY_INTERVAL."""
+    """The janitor loop: pools every second, two-phase recovery every RECOVERY_INTERVAL.
+
+    Recovery only touches transactions older than general.two_phase_recovery_delay, so running it
+    often costs one catalog query per shard and never races a live commit.
+    """
     next_recovery = time.monotonic() + RECOVERY_INTERVAL
     recovering: asyncio.Task[None] | None = None
     while True:

@@ -12,13 +12,15 @@ route picks which pool the server connection comes from, and the bytes flow as b
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
 from pooler.background import spawn
-from pooler.pool import Pool
+from pooler.pool import Pool, PoolTimeout
 from pooler.server_connection import ServerConnection, ServerError
 from proxy import multishard
+from proxy.log import log
 from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
 from proxy.session import ClientSession
@@ -64,6 +66,7 @@ class RoutedSession(ClientSession):
         self.parked: dict[int, ServerConnection] = {}  # session mode / pinned: one server per shard kept
         self.distributed: multishard.DistributedTransaction | None = None
         self.query_timeout: float | None = app.config.general.query_timeout or None
+        self.step: asyncio.Task[None] | None = None  # a multi-shard step in flight
 
     # set-up at login ---------------------------------------------------------------------------------
     def setup_routing(self, database_name: str, user_name: str) -> None:
@@ -406,22 +409,68 @@ class RoutedSession(ClientSession):
         """Run a multi-shard step; client input waits until it is done."""
         self._flush_out()
         self.blocked = True
-        spawn(self._guarded(coro))
+        self.step = spawn(self._guarded(coro))
 
     async def _guarded(self, coro: object) -> None:
+        broken = False
         try:
             await coro  # type: ignore[misc]
+        except PoolTimeout as exc:
+            # Nothing was sent yet: the statement fails, the client and its transaction carry on.
+            status = _IDLE
+            if self.distributed is not None:
+                self.distributed.failed = True
+                status = _FAILED
+            elif self.held:
+                self.held_failed = True
+                status = _FAILED
+            if self.transport is not None:
+                ready = backend.ready_for_query(bytes((status,)))
+                self.transport.write(backend.error_response(exc.sqlstate, exc.message) + ready)
         except ServerError as exc:
+            broken = True
             self.fatal(exc.sqlstate, exc.message)
-            return
         except Exception as exc:  # never let a task die silently: the client must hear about it
-            from proxy.log import log
-
+            broken = True
             log.exception("multi-shard step failed", peer=self.peer)
             self.fatal("XX000", f"internal error in pgshard: {exc}")
-            return
-        if self.phase == 2:
+        finally:
+            self.step = None
+        if self.phase == 2 and not broken:
             self._resume()
+        elif self.phase == 3 or broken:
+            self._abandon_servers(broken)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.step is None:
+            self._abandon_servers(broken=False)
+
+    def _abandon_servers(self, broken: bool) -> None:
+        """The client is gone (or its step failed): no server it held may keep a transaction open."""
+        servers = list(self.parked.values())
+        self.parked.clear()
+        if self.distributed is not None:
+            servers += self.distributed.servers.values()
+            self.distributed = None
+        for server in servers:
+            if broken:
+                server.pool.discard(server)  # mid-reply: closing is the only clean state
+            else:
+                spawn(self._reset_and_release(server))
+
+    async def _reset_and_release(self, server: ServerConnection) -> None:
+        try:
+            server.take_inbox()
+            await asyncio.wait_for(server.run_simple("ROLLBACK"), 10)
+            if self.pinned is not None or self.mode == "session":
+                await asyncio.wait_for(server.run_simple("DISCARD ALL"), 10)
+                server.prepared.clear()
+                server.session_state = {}
+        except (TimeoutError, ServerError, OSError):
+            server.pool.discard(server)
+            return
+        server.pool.release(server)
 
 
 def _quote(text: str) -> str:
