@@ -1,0 +1,368 @@
+"""Streaming k-way merge of ordered partial results, in PostgreSQL's order (DESIGN.md, "Merging").
+
+Each shard sends its rows already sorted by the query's ORDER BY; the merge keeps one row per shard
+in a heap and always sends the smallest, so memory is bounded by shards x the read buffer of
+`ShardStream`, never by the result. Comparisons follow PostgreSQL for the types it can read
+exactly from text (`column_key`): integers and numeric as numbers (NaN above every number), floats
+as IEEE values (NaN above infinity), booleans, uuids, dates and timestamps in ISO DateStyle (time
+zone offsets applied, BC years, +-infinity), and text only where the collation orders by bytes
+(C, POSIX, or a libc C.UTF-8, whose glibc collation is code point order, i.e. UTF-8 byte order).
+Anything else has no key here: the caller lets a PostgreSQL server sort (bounded) or refuses.
+NULLs sort as larger than every value (NULLS LAST for ASC, FIRST for DESC), unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import re
+import struct
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from pooler.server_connection import ServerConnection, ServerError
+from proxy.protocol import backend
+from proxy.protocol.framing import DEFAULT_MAX_MESSAGE_LENGTH
+
+T = TypeVar("T")
+_D, _C, _E, _T, _N, _Z = (ord(c) for c in "DCETNZ")
+
+# Built-in type OIDs (pg_type.dat): the same in every PostgreSQL.
+BOOL, NAME, INT8, INT2, INT4, TEXT, OID = 16, 19, 20, 21, 23, 25, 26
+FLOAT4, FLOAT8, BPCHAR, VARCHAR, DATE, TIMESTAMP, TIMESTAMPTZ, NUMERIC, UUID = (
+    700, 701, 1042, 1043, 1082, 1114, 1184, 1700, 2950,
+)  # fmt: skip
+TEXT_TYPES = frozenset({NAME, TEXT, BPCHAR, VARCHAR})
+BYTE_ORDER_COLLATIONS = frozenset({"c", "posix", "ucs_basic"})
+BYTE_ORDER_LOCALES = frozenset({"c", "posix", "c.utf8", "c.utf-8"})
+
+
+def byte_order(collation: str | None, datcollate: str, provider: str) -> bool:
+    """Whether a text column with this collation (pg_collation_for's answer) sorts by bytes."""
+    name = (collation or '"default"').removeprefix("pg_catalog.").strip('"').lower()
+    if name == "default":
+        return provider == "c" and datcollate.lower() in BYTE_ORDER_LOCALES
+    return name in BYTE_ORDER_COLLATIONS
+
+
+# keys ------------------------------------------------------------------------------------------------
+def _number(value: bytes) -> tuple[int, Any]:
+    if value == b"NaN":
+        return (1, 0)
+    return (0, Decimal(value.decode()))
+
+
+def _float(value: bytes) -> tuple[int, float]:
+    number = float(value)
+    return (1, 0.0) if number != number else (0, number)
+
+
+_TIMESTAMP = re.compile(
+    rb"(\d{4,})-(\d\d)-(\d\d)(?: (\d\d):(\d\d):(\d\d)(?:\.(\d{1,6}))?)?"
+    rb"(?:([+-])(\d\d)(?::(\d\d))?(?::(\d\d))?)?( BC)?"
+)
+
+
+def _days(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 in the proleptic Gregorian calendar (astronomical years)."""
+    year -= month <= 2
+    era = year // 400  # floor division: right for negative years too
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    return era * 146097 + yoe * 365 + yoe // 4 - yoe // 100 + doy - 719468
+
+
+def _timestamp(value: bytes) -> tuple[int, int]:
+    """date, timestamp or timestamptz in ISO DateStyle -> (infinity rank, microseconds UTC)."""
+    if value == b"infinity":
+        return (1, 0)
+    if value == b"-infinity":
+        return (-1, 0)
+    m = _TIMESTAMP.fullmatch(value)
+    if m is None:
+        raise ValueError(f"not an ISO date/time: {value[:40]!r}")
+    year, month, day, hh, mi, ss, frac, sign, oh, om, os_, bc = m.groups()
+    y = int(year)
+    seconds = _days(1 - y if bc else y, int(month), int(day)) * 86400
+    if hh is not None:
+        seconds += int(hh) * 3600 + int(mi) * 60 + int(ss)
+    if sign is not None:
+        offset = int(oh) * 3600 + int(om or 0) * 60 + int(os_ or 0)
+        seconds -= offset if sign == b"+" else -offset
+    return (0, seconds * 1_000_000 + (int(frac.ljust(6, b"0")) if frac else 0))
+
+
+def _bytes(value: bytes) -> bytes:
+    return value
+
+
+def _bpchar(value: bytes) -> bytes:
+    return value.rstrip(b" ")  # bpchar compares without its trailing spaces
+
+
+_KEYS: dict[int, Callable[[bytes], Any]] = {
+    INT2: int, INT4: int, INT8: int, OID: int, NUMERIC: _number, FLOAT4: _float, FLOAT8: _float,
+    BOOL: _bytes, UUID: _bytes, DATE: _timestamp, TIMESTAMP: _timestamp, TIMESTAMPTZ: _timestamp,
+}  # fmt: skip
+
+
+def column_key(
+    type_oid: int, byte_order_text: bool = False, iso_dates: bool = True
+) -> Callable[[bytes], Any] | None:
+    """How to compare values of a type as PostgreSQL does, from their text form; None if unknown."""
+    if type_oid in TEXT_TYPES:
+        if not byte_order_text:
+            return None
+        return _bpchar if type_oid == BPCHAR else _bytes
+    if type_oid in (DATE, TIMESTAMP, TIMESTAMPTZ) and not iso_dates:
+        return None
+    return _KEYS.get(type_oid)
+
+
+@dataclass(frozen=True, slots=True)
+class MergeKey:
+    column: int
+    convert: Callable[[bytes], Any]
+    descending: bool = False
+    nulls_first: bool = False
+
+
+def row_key(values: Sequence[bytes | None], keys: Sequence[MergeKey]) -> tuple[Any, ...]:
+    return tuple(None if (v := values[k.column]) is None else k.convert(v) for k in keys)
+
+
+_I32 = struct.Struct(">i").unpack_from
+
+
+def body_key(body: bytes, keys: Sequence[MergeKey], last: int) -> tuple[Any, ...]:
+    """row_key of a DataRow body, reading only its first `last` + 1 values (a merge reads many rows)."""
+    values: list[bytes | None] = []
+    pos = 2
+    for _ in range(last + 1):
+        n = _I32(body, pos)[0]
+        pos += 4
+        if n < 0:
+            values.append(None)
+        else:
+            values.append(body[pos : pos + n])
+            pos += n
+    return row_key(values, keys)
+
+
+def keep_columns(body: bytes, count: int) -> bytes:
+    """A DataRow body with only its first `count` values (hidden sort keys dropped)."""
+    pos = 2
+    for _ in range(count):
+        n = _I32(body, pos)[0]
+        pos += 4 + (n if n > 0 else 0)
+    return count.to_bytes(2, "big") + body[2:pos]
+
+
+def compare(a: Sequence[Any], b: Sequence[Any], keys: Sequence[MergeKey]) -> int:
+    """<0, 0, >0 as row key `a` sorts before, with, or after `b`."""
+    for x, y, key in zip(a, b, keys, strict=True):
+        if x is None or y is None:
+            if x is None and y is None:
+                continue
+            return -1 if (x is None) == key.nulls_first else 1
+        if x == y:
+            continue
+        before = x < y
+        return -1 if before != key.descending else 1
+    return 0
+
+
+class _Head:
+    """A source's current row in the heap; ties go to the lower source (a stable merge)."""
+
+    __slots__ = ("item", "key", "keys", "source")
+
+    def __init__(self, key: tuple[Any, ...], source: int, item: Any, keys: Sequence[MergeKey]) -> None:
+        self.key, self.source, self.item, self.keys = key, source, item, keys
+
+    def __lt__(self, other: _Head) -> bool:
+        c = compare(self.key, other.key, self.keys)
+        return c < 0 if c else self.source < other.source
+
+
+def merge_sorted(
+    sources: Sequence[Iterable[T]], keys: Sequence[MergeKey], values: Callable[[T], Sequence[bytes | None]]
+) -> Iterator[T]:
+    """Merge already sorted sources; `values` reads an item's column values (text, None for NULL)."""
+    iterators = [iter(s) for s in sources]
+    heap: list[_Head] = []
+    for i, it in enumerate(iterators):
+        for item in it:
+            heap.append(_Head(row_key(values(item), keys), i, item, keys))
+            break
+    heapq.heapify(heap)
+    while heap:
+        head = heap[0]
+        yield head.item
+        nxt = next(iterators[head.source], None)
+        if nxt is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, _Head(row_key(values(nxt), keys), head.source, nxt, keys))
+
+
+# streams ---------------------------------------------------------------------------------------------
+class ShardError(Exception):
+    """A shard answered with an ErrorResponse (its fields)."""
+
+    def __init__(self, shard: int, fields: dict[str, str]) -> None:
+        super().__init__(fields.get("M", "error"))
+        self.shard, self.fields = shard, fields
+
+
+class ShardStream:
+    """One server connection's replies as whole messages, read as they are consumed.
+
+    It is the connection's sink while attached: bytes go into its own buffer and reading from the
+    server pauses above `high_water` bytes and resumes below `low_water`, so a slow consumer (the
+    merge waiting on another shard, a slow client) bounds what is held in memory.
+    """
+
+    def __init__(self, shard: int, server: ServerConnection, high_water: int = 1 << 20) -> None:
+        self.shard, self.server = shard, server
+        self.high_water, self.low_water = high_water, high_water // 4
+        self.buf = bytearray(server.take_inbox())
+        self.pos = 0
+        self.paused = self.lost = False
+        self.waiter: asyncio.Future[None] | None = None
+        self.description: bytes | None = None  # the RowDescription body of the current result
+        self.error: dict[str, str] | None = None
+        self.notices: list[bytes] = []  # NoticeResponse bodies
+        self.status = b""  # the last ReadyForQuery's transaction status
+        self.pending = 0  # ReadyForQuery messages still to come for what was written
+        server.sink = self
+
+    def write(self, data: bytes, replies: int = 1) -> None:
+        """Send the server `data`, which it answers with `replies` ReadyForQuery messages."""
+        self.pending += replies
+        self.server.write(data)
+
+    # ServerSink
+    def server_data(self, server: ServerConnection, data: bytes) -> None:
+        self.buf += data
+        if not self.paused and len(self.buf) - self.pos > self.high_water and server.transport is not None:
+            self.paused = True
+            server.transport.pause_reading()
+        self._wake()
+
+    def server_lost(self, server: ServerConnection) -> None:
+        self.lost = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    def detach(self) -> None:
+        if self.server.sink is self:
+            self.server.sink = None
+        if self.paused and self.server.transport is not None:
+            self.paused = False
+            self.server.transport.resume_reading()
+
+    async def message(self) -> tuple[int, bytes]:
+        """The next whole message (type, body)."""
+        while True:
+            buf, pos = self.buf, self.pos
+            if len(buf) - pos >= 5:
+                length = int.from_bytes(buf[pos + 1 : pos + 5], "big")
+                if length < 4 or length > DEFAULT_MAX_MESSAGE_LENGTH:
+                    raise ServerError(
+                        "08P01", f"shard {self.shard} sent a message of invalid length {length}"
+                    )
+                end = pos + 1 + length
+                if len(buf) >= end:
+                    msg_type, body = buf[pos], bytes(buf[pos + 5 : end])
+                    self.pos = end
+                    if msg_type == _Z:
+                        self.pending -= 1
+                        self.status = body[:1]
+                    if end > 65536 and end * 2 > len(buf):
+                        del buf[:end]
+                        self.pos = 0
+                    if (
+                        self.paused
+                        and len(buf) - self.pos < self.low_water
+                        and self.server.transport is not None
+                    ):
+                        self.paused = False
+                        self.server.transport.resume_reading()
+                    return msg_type, body
+            if self.lost:
+                raise ServerError("08006", f"server {self.server.target.label} closed the connection")
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def result_message(self) -> tuple[int, bytes]:
+        """The next message of a query's result: notices are kept aside, errors raise ShardError."""
+        while True:
+            msg_type, body = await self.message()
+            if msg_type == _N:
+                self.notices.append(body)
+            elif msg_type == _E:
+                self.error = backend.decode_error_fields(body)
+                raise ShardError(self.shard, self.error)
+            elif msg_type == _T:
+                self.description = body
+                return msg_type, body
+            elif (
+                msg_type not in b"SA"
+            ):  # ParameterStatus, NotificationResponse: not the client's business here
+                return msg_type, body
+
+    async def next_row(self) -> bytes | None:
+        """The next DataRow body of the current result, or None at its CommandComplete."""
+        while True:
+            msg_type, body = await self.result_message()
+            if msg_type == _D:
+                return body
+            if msg_type in (_C, _Z):
+                return None
+
+    async def until_ready(self) -> None:
+        """Read (and drop) everything up to the next ReadyForQuery, keeping the first error."""
+        while True:
+            msg_type, body = await self.message()
+            if msg_type == _Z:
+                return
+            if msg_type == _E and self.error is None:
+                self.error = backend.decode_error_fields(body)
+            elif msg_type == _N:
+                self.notices.append(body)
+
+
+async def merge_streams(
+    streams: Sequence[ShardStream], keys: Sequence[MergeKey]
+) -> AsyncGenerator[bytes, None]:
+    """DataRow bodies of every stream's current result, merged in order (raises ShardError)."""
+    last = max((k.column for k in keys), default=-1)
+    heap: list[_Head] = []
+    for i, stream in enumerate(streams):
+        body = await stream.next_row()
+        if body is not None:
+            heap.append(_Head(body_key(body, keys, last), i, body, keys))
+    heapq.heapify(heap)
+    while heap:
+        head = heap[0]
+        yield head.item
+        body = await streams[head.source].next_row()
+        if body is None:
+            heapq.heappop(heap)
+        else:
+            heapq.heapreplace(heap, _Head(body_key(body, keys, last), head.source, body, keys))
+
+
+async def drain(stream: ShardStream) -> None:
+    """Read (and drop) the rest of every reply the stream's server still owes."""
+    while stream.pending > 0:
+        await stream.until_ready()
