@@ -311,7 +311,17 @@ def _read_database(t: Table) -> Database:
     if not shards:
         raise t.error("shards", "at least one [[databases.shards]] is required")
     count = len(shards)
-    virtual_shards = t.integer("virtual_shards", _DATABASE.virtual_shards, minimum=count)
+    # Unset, the default rounds up to a multiple of the shard count (1024 for 2, 4 or 8 shards).
+    default_virtual = -(-_DATABASE.virtual_shards // count) * count
+    virtual_shards = t.integer("virtual_shards", default_virtual, minimum=count)
+    if virtual_shards % count:
+        # Virtual shard v lives on shard v mod N: only a multiple of N spreads keys evenly and
+        # matches PARTITION BY HASH with modulus N.
+        raise t.error(
+            "virtual_shards",
+            f"must be a multiple of the number of shards ({count}), got {virtual_shards}: "
+            f"e.g. {virtual_shards + count - virtual_shards % count}",
+        )
     default_shard = t.integer("default_shard", _DATABASE.default_shard, minimum=0, maximum=count - 1)
     omnisharded = t.strings("omnisharded_tables")
     _no_duplicates(t, "omnisharded_tables", omnisharded)

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
 from pooler.server_connection import ServerConnection, ServerError
-from proxy import prepared
+from proxy import fanout_read, prepared
 from proxy.log import log
 from proxy.protocol import backend, frontend
+from router.route import Broadcast
 from router.scatter import frame, merge_replies, scatter
 from router.twophase import commit_two_phase
 
@@ -99,9 +100,10 @@ async def _replay_begin(servers: dict[int, ServerConnection], begin: list[bytes]
             raise errors[0]
 
 
-def _reply(session: RoutedSession, body: bytes, status: bytes) -> None:
+def _reply(session: RoutedSession, body: bytes, status: bytes | None) -> None:
+    """The reply and its ReadyForQuery (none when the client's messages ended in Flush)."""
     if session.transport is not None and not session.transport.is_closing():
-        session.transport.write(body + backend.ready_for_query(status))
+        session.transport.write(body if status is None else body + backend.ready_for_query(status))
 
 
 def _error_body(error: ServerError) -> bytes:
@@ -162,6 +164,9 @@ def _timeout(session: RoutedSession) -> float | None:
 # simple Query ---------------------------------------------------------------------------------------
 async def run_query(session: RoutedSession, route: Route, message: bytes) -> None:
     """A statement that needs several shards, outside a transaction or as the first of a held block."""
+    if fanout_read.is_fanout_read(route):
+        await fanout_read.run_fanout_read(session, route, message)
+        return
     unsupported = unsupported_reason(route)
     if unsupported:
         _reply(session, backend.error_response("0A000", unsupported), _FAILED if session.held else _IDLE)
@@ -184,7 +189,7 @@ async def run_query(session: RoutedSession, route: Route, message: bytes) -> Non
     except BaseException:
         release(session, servers, broken=True)
         raise
-    body, error = merge_replies(replies)
+    body, error = merge_replies(replies, same=route.broadcast_kind is Broadcast.SAME)
     if in_block:
         session.distributed = DistributedTransaction(
             begin=session.held, servers=servers, failed=error is not None
@@ -292,6 +297,13 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
         dist.failed = True
         _reply(session, backend.error_response(*route.error), _FAILED)
         return
+    if (
+        fanout_read.is_fanout_read(route)
+        and session.pinned_shard is None
+        and len(_shards_of(session, route)) > 1
+    ):
+        await fanout_read.run_fanout_read(session, route, message)
+        return
     unsupported = unsupported_reason(route)
     if unsupported and len(_shards_of(session, route)) > 1:
         dist.failed = True
@@ -305,7 +317,7 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
     if route.write:
         dist.wrote.update(s for s, _ in targets)
     replies = await scatter(targets, _payloads(route, message, [s for s, _ in targets]), 1, _timeout(session))
-    body, error = merge_replies(replies)
+    body, error = merge_replies(replies, same=route.broadcast_kind is Broadcast.SAME)
     dist.failed = error is not None
     _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
 
@@ -336,6 +348,7 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
     and Close go to every shard involved. Replies are merged in the client's message order.
     """
     dist = session.distributed
+    flushed = bool(group) and group[-1][0] == _H  # the client asked for replies, not ReadyForQuery
     default = next(iter(dist.servers)) if dist is not None else session.default_shard
     n_shards = len(session.pools)
     plan: list[tuple[int, bytes, tuple[int, ...] | None]] = []
@@ -345,11 +358,11 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         shards: tuple[int, ...] | None = None
         if msg_type == _B:
             if route is not None and route.error is not None:
-                _reply_group_error(session, route.error)
+                _reply_group_error(session, route.error, flushed)
                 return
             reason = unsupported_reason(route) if route is not None else None
             if reason and route is not None and (route.all_shards or len(route.shards) > 1):
-                _reply_group_error(session, ("0A000", reason))
+                _reply_group_error(session, ("0A000", reason), flushed)
                 return
             if session.pinned_shard is not None:
                 current = (session.pinned_shard,)
@@ -370,7 +383,7 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         session.distributed = dist
     if dist is not None:
         if dist.failed:
-            _reply_group_error(session, ("25P02", _ABORTED))
+            _reply_group_error(session, ("25P02", _ABORTED), flushed)
             return
         await _join(session, dist, involved)
         servers = {s: dist.servers[s] for s in involved}
@@ -393,20 +406,22 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         if write:
             dist.wrote.update(involved)
         dist.failed = failed
-        _reply(session, body, _FAILED if failed else _IN_BLOCK)
+        _reply(session, body, None if flushed else _FAILED if failed else _IN_BLOCK)
         return
     broken = False
     if atomic:
         body, _, broken = await _finish_implicit(session, servers, body, {"C": "error"} if failed else None)
     release(session, servers, broken=broken)
-    _reply(session, body, _IDLE if not in_block else _IN_BLOCK)
+    _reply(session, body, None if flushed else _IDLE if not in_block else _IN_BLOCK)
 
 
-def _reply_group_error(session: RoutedSession, error: tuple[str, str]) -> None:
-    status = _IDLE
+def _reply_group_error(session: RoutedSession, error: tuple[str, str], flushed: bool = False) -> None:
+    status: bytes | None = _IDLE
     if session.distributed is not None:
         session.distributed.failed = True
         status = _FAILED
+    if flushed:
+        status = None  # the client's Sync, when it comes, gets the ReadyForQuery
     _reply(session, backend.error_response(*error), status)
 
 

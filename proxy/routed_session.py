@@ -59,7 +59,6 @@ class RoutedSession(ClientSession):
         self.group: list[tuple[int, bytes, Route | None]] = []
         self.group_ready = False
         self.blocked = False
-        self.out: list[bytes] = []
         self.unnamed_route: PreparedRoute | None = None
         self.statement_routes: dict[bytes, PreparedRoute] = {}
         self.block_begin: list[bytes] = []  # how the current block began, for shards that join it
@@ -290,6 +289,8 @@ class RoutedSession(ClientSession):
             elif route.shards:
                 targets.add(route.shards[0])
         if self.distributed is not None or multi or len(targets) > 1:
+            if self.server is not None and self.unsynced and self.done_syncs == self.sent_syncs:
+                self.close_flushed_run()
             if self._outstanding():
                 return self._wait_for_drain()
             self.group, self.group_ready = [], False
@@ -333,6 +334,8 @@ class RoutedSession(ClientSession):
                 for message in messages:
                     self._pass_message(message[0], message, self.out)
                 return True
+            if self.unsynced and self.done_syncs == self.sent_syncs:
+                self.close_flushed_run()
             if self._outstanding():
                 return self._wait_for_drain()
             if self.status != _IDLE:

@@ -84,9 +84,11 @@ class ClientSession(asyncio.Protocol):
         self.close_q: deque[tuple[int, bool]] = deque()
         # Sync groups (by number) whose replies are ours to drop: queries pgshard itself added.
         self.drop_groups: deque[int] = deque()
+        self.silent_syncs: deque[int] = deque()  # Syncs of ours whose ReadyForQuery alone is dropped
         self.follow_up: str | None = None  # a query of ours to send right after the client's
         self.unnamed_effects: tuple[SessionEffect, ...] = ()
         self.unpin_when_ready = False
+        self.out: list[bytes] = []  # messages for the linked server, written when the batch is done
         self.srv_skip = 0  # bytes of a message that continues in the next chunk
         self.srv_skip_drop = False
         self.srv_carry = b""  # a header or a message we must see whole, split across chunks
@@ -641,6 +643,15 @@ class ClientSession(asyncio.Protocol):
             self.drop_groups.append(self.sent_syncs)
             self.follow_up = None
 
+    def close_flushed_run(self) -> None:
+        """The client's extended messages ended in Flush, not Sync, and it now needs another shard:
+        a Sync of ours ends the run here (its ReadyForQuery is not forwarded), so this server can
+        be let go once it has answered."""
+        self.out.append(frontend.SYNC)
+        self.sent_syncs += 1
+        self.silent_syncs.append(self.sent_syncs)
+        self.unsynced = False
+
     def inject_query(self, server: ServerConnection, sql: str) -> None:
         """Send a query of pgshard's own down the linked server; its replies never reach the client."""
         self.sent_syncs += 1
@@ -672,17 +683,21 @@ class ClientSession(asyncio.Protocol):
             end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
             drop = False
             ready = False
+            ours = False  # the ReadyForQuery of a query pgshard added: state is not the client's
             if self.drop_groups and self.drop_groups[0] == self.done_syncs + 1:
                 drop = True
                 if msg_type == _Z:
                     self.drop_groups.popleft()
-                    ready = True
+                    ready = ours = True
                 elif msg_type == _ERROR:
                     detail = data[pos + 5 : end][:200]
                     log.warning("a query of pgshard's own failed", peer=self.peer, detail=detail)
                     server.session_state = {}
             elif msg_type == _Z:
                 ready = True
+                if self.silent_syncs and self.silent_syncs[0] == self.done_syncs + 1:
+                    self.silent_syncs.popleft()  # answers a Sync of ours: the client asked for none
+                    drop = True
             elif msg_type == _PARSE_COMPLETE:
                 if self.parse_q:
                     drop = self.parse_q.popleft()[1]
@@ -709,7 +724,7 @@ class ClientSession(asyncio.Protocol):
             if ready:
                 self.done_syncs += 1
                 self.status = data[pos + 5]
-                if not drop:
+                if not ours:
                     self._on_ready(server)
                 drained = self.done_syncs == self.sent_syncs
                 if (

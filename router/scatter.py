@@ -82,7 +82,7 @@ def _tag_parts(message: bytes) -> tuple[bytes, int | None, bytes]:
     return command, None, tag
 
 
-def merge_replies(replies: Sequence[ShardReply]) -> tuple[bytes, dict[str, str] | None]:
+def merge_replies(replies: Sequence[ShardReply], same: bool = False) -> tuple[bytes, dict[str, str] | None]:
     """One reply as a single server holding all rows would give it (without ReadyForQuery).
 
     The first shard's messages are the template: its DataRows are joined by every other shard's
@@ -92,6 +92,9 @@ def merge_replies(replies: Sequence[ShardReply]) -> tuple[bytes, dict[str, str] 
     for reply in replies:
         if reply.error is not None:
             return reply.error_message, reply.error
+    if same:
+        # Every shard did the same thing to its own copy (DDL, omnisharded writes): one answer.
+        return b"".join(message for _, message in replies[0].messages), None
     # Per shard, split the messages into statement results at each CommandComplete.
     sections: list[list[list[tuple[int, bytes]]]] = []
     for reply in replies:
