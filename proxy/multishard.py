@@ -353,6 +353,8 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
     n_shards = len(session.pools)
     plan: list[tuple[int, bytes, tuple[int, ...] | None]] = []
     current: tuple[int, ...] = (default,)
+    current_same = False  # the Bind's statement did the same on every copy: answer once
+    same: set[int] = set()
     write = False
     for msg_type, message, route in group:
         shards: tuple[int, ...] | None = None
@@ -371,9 +373,12 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
                 write = write or route.write
             else:
                 current = (default,)
+            current_same = route is not None and route.broadcast_kind is Broadcast.SAME
             shards = current
         elif msg_type == _E or (msg_type == _D and message[5] == ord("P")):
             shards = current
+            if msg_type == _E and current_same:
+                same.add(len(plan))
         plan.append((msg_type, message, shards))
     involved = sorted({s for _, _, shards in plan if shards for s in shards} or {default})
     in_block = dist is not None or bool(session.held)
@@ -401,7 +406,7 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         if dist is None:
             release(session, servers, broken=True)
         raise
-    body, failed = _merge_group(plan, replies, skips)
+    body, failed = _merge_group(plan, replies, skips, same)
     if dist is not None:
         if write:
             dist.wrote.update(involved)
@@ -501,6 +506,7 @@ def _merge_group(
     plan: list[tuple[int, bytes, tuple[int, ...] | None]],
     streams: dict[int, list[tuple[int, bytes]]],
     skips: dict[int, int],
+    same: set[int] = frozenset(),  # type: ignore[assignment]
 ) -> tuple[bytes, bool]:
     """Walk the client's messages and take each one's replies from its shards' streams."""
     cursor = dict(skips)
@@ -521,7 +527,7 @@ def _merge_group(
         return None
 
     every = tuple(streams)
-    for msg_type, message, shards in plan:
+    for index, (msg_type, message, shards) in enumerate(plan):
         targets = shards if shards is not None else every
         if msg_type in (_S, _H):
             continue
@@ -529,7 +535,9 @@ def _merge_group(
             rows: list[bytes] = []
             total = 0
             tag: tuple[bytes, bytes] | None = None
-            for shard in targets:
+            for position, shard in enumerate(targets):
+                shard_rows: list[bytes] = []
+                shard_total = 0
                 while True:
                     item = take(shard)
                     if item is None:
@@ -538,19 +546,22 @@ def _merge_group(
                         out.append(item[1])
                         return b"".join(out), True
                     if item[0] == ord("D"):
-                        rows.append(item[1])
+                        shard_rows.append(item[1])
                         continue
                     if item[0] == _C:
                         text = item[1][5:-1]
                         head, _, last = text.rpartition(b" ")
                         if last.isdigit():
-                            total += int(last)
+                            shard_total = int(last)
                             tag = (head + b" ", b"")
                         else:
                             tag = (text, b"-")
                     else:
                         tag = (item[1], b"raw")
                     break
+                if position == 0 or index not in same:  # copies that did the same answer once
+                    rows.extend(shard_rows)
+                    total += shard_total
             out.extend(rows)
             if tag is not None:
                 if tag[1] == b"raw":
@@ -562,7 +573,7 @@ def _merge_group(
             continue
         units = 2 if (msg_type == _D and message[5] == ord("S")) else 1
         first: list[bytes] = []
-        for index, shard in enumerate(targets):
+        for position, shard in enumerate(targets):
             for _ in range(units):
                 item = take(shard)
                 if item is None:
@@ -570,7 +581,7 @@ def _merge_group(
                 if item[0] == _E:
                     out.append(item[1])
                     return b"".join(out), True
-                if index == 0:
+                if position == 0:
                     first.append(item[1])
         out.extend(first)
     return b"".join(out), False

@@ -113,8 +113,11 @@ class RoutedSession(ClientSession):
         """Whatever blocked dispatch is over: carry on with the held group and buffered bytes."""
         self.blocked = False
         self.resume_client()
-        if self.group_ready and not self._finish_group():
-            return
+        if self.group_ready:
+            finished = self._finish_group()
+            self._flush_out()
+            if not finished:
+                return
         if self.buf and self.phase == 2:
             data = bytes(self.buf)
             self.buf.clear()
@@ -125,6 +128,18 @@ class RoutedSession(ClientSession):
 
     def _dispatch(self, msg_type: int, message: bytes) -> bool:
         """Handle one client message; False if it must wait (it is then kept for later)."""
+        if self.discard_until_sync:
+            # After an error, PostgreSQL ignores extended messages up to the Sync (protocol 55.2.3).
+            if msg_type == _S:
+                self.discard_until_sync = False
+                status = (
+                    _FAILED
+                    if (self.held_failed or (self.distributed and self.distributed.failed))
+                    else (_IN_BLOCK if self.held or self.distributed else _IDLE)
+                )
+                if self.transport is not None:
+                    self.transport.write(backend.ready_for_query(bytes((status,))))
+            return True
         if msg_type in _EXTENDED:
             return self._dispatch_extended(msg_type, message)
         if msg_type == _Q:
@@ -184,6 +199,9 @@ class RoutedSession(ClientSession):
     def _transaction_control(self, first: str, second: str, message: bytes) -> bool | None:
         """BEGIN is held until a statement shows where it runs; None: pass the statement on."""
         if self.server is not None:
+            savepoint = first in _SAVEPOINT_TAGS or (first == "ROLLBACK" and second == "TO")
+            if savepoint and self.status != _IDLE:
+                self.block_begin.append(message)  # shards that join the block later replay it
             return None
         if first in _BEGIN_TAGS and not self.held:
             self.held = [message]
@@ -237,8 +255,9 @@ class RoutedSession(ClientSession):
             route = self._route_bind(message)
         self.group.append((msg_type, message, route))
         if msg_type in (_S, _H):
+            # The message is the group's now: if finishing must wait, group_ready resumes it.
             self.group_ready = True
-            return self._finish_group()
+            self._finish_group()
         return True
 
     def _remember_parse(self, message: bytes) -> None:
@@ -289,8 +308,6 @@ class RoutedSession(ClientSession):
             elif route.shards:
                 targets.add(route.shards[0])
         if self.distributed is not None or multi or len(targets) > 1:
-            if self.server is not None and self.unsynced and self.done_syncs == self.sent_syncs:
-                self.close_flushed_run()
             if self._outstanding():
                 return self._wait_for_drain()
             self.group, self.group_ready = [], False
@@ -304,14 +321,16 @@ class RoutedSession(ClientSession):
 
     def _fail_group(self, sqlstate: str, message: str) -> bool:
         """A group that cannot run: its error, then ReadyForQuery if it ended in Sync, as a server would."""
-        ends_in_sync = self.group[-1][0] == _S
-        self.group, self.group_ready = [], False
-        if not ends_in_sync:
+        if self.group[-1][0] != _S:
+            self.group, self.group_ready = [], False
             self.discard_until_sync = True
             if self.transport is not None:
                 self.transport.write(backend.error_response(sqlstate, message))
             return True
-        return self._reply_error(sqlstate, message)
+        if not self._reply_error(sqlstate, message):
+            return False  # the group stays, ready, until the linked server has answered
+        self.group, self.group_ready = [], False
+        return True
 
     # choosing and linking servers -----------------------------------------------------------------------
     def _outstanding(self) -> bool:
@@ -319,6 +338,8 @@ class RoutedSession(ClientSession):
 
     def _wait_for_drain(self) -> bool:
         """Replies from the linked server must reach the client before anything else does."""
+        if self.server is not None and self.unsynced and self.done_syncs == self.sent_syncs:
+            self.close_flushed_run()  # the client ended in Flush: no Sync of its own will come
         self._flush_out()
         self.blocked = True
         return False
@@ -334,8 +355,6 @@ class RoutedSession(ClientSession):
                 for message in messages:
                     self._pass_message(message[0], message, self.out)
                 return True
-            if self.unsynced and self.done_syncs == self.sent_syncs:
-                self.close_flushed_run()
             if self._outstanding():
                 return self._wait_for_drain()
             if self.status != _IDLE:
