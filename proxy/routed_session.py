@@ -13,6 +13,7 @@ route picks which pool the server connection comes from, and the bytes flow as b
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
@@ -38,6 +39,9 @@ _IDLE, _IN_BLOCK, _FAILED = 0x49, 0x54, 0x45
 _BEGIN_TAGS = {"BEGIN": b"BEGIN", "START": b"START TRANSACTION"}
 _END_TAGS = {"COMMIT": b"COMMIT", "END": b"COMMIT", "ROLLBACK": b"ROLLBACK", "ABORT": b"ROLLBACK"}
 _SAVEPOINT_TAGS = {"SAVEPOINT": b"SAVEPOINT", "RELEASE": b"RELEASE"}
+_SHARD_SETTING = re.compile(
+    r"\s*(SET|RESET)\s+(?:SESSION\s+)?pgshard\.shard\s*(?:(?:=|\bTO\b)\s*('?\w*'?)\s*)?;?\s*$", re.IGNORECASE
+)
 
 
 def _command_complete(tag: bytes) -> bytes:
@@ -165,6 +169,10 @@ class RoutedSession(ClientSession):
             self._run(multishard.run_query_in_transaction(self, message))
             return True
         sql = message[5:-1]
+        if b"pgshard.shard" in sql[:64].lower():
+            handled = self._shard_setting(sql.decode("utf-8", "replace"))
+            if handled is not None:
+                return handled
         first, second, _ = leading_words(sql[:64].decode("utf-8", "replace"))
         if first in _BEGIN_TAGS or first in _END_TAGS or first in _SAVEPOINT_TAGS:
             handled = self._transaction_control(first, second, message)
@@ -195,6 +203,34 @@ class RoutedSession(ClientSession):
             return self._wait_for_drain()
         self._run(multishard.run_query(self, route, message))
         return True
+
+    def _shard_setting(self, sql: str) -> bool | None:
+        """`SET pgshard.shard = N` pins this session's statements to shard N; RESET lifts it.
+
+        For statements the parser cannot route and hints cannot reach (a tool's generated SQL).
+        """
+        m = _SHARD_SETTING.match(sql)
+        if m is None:
+            return None
+        if m.group(1).upper() == "RESET" or (m.group(2) or "").lower() in ("default", "''"):
+            self.pinned_shard = None
+            return self._reply_local(
+                _command_complete(b"RESET" if m.group(1).upper() == "RESET" else b"SET"), self._status_now()
+            )
+        value = (m.group(2) or "").strip("'")
+        if not value.isdigit() or int(value) >= len(self.pools):
+            return self._reply_error(
+                "22023", f"pgshard.shard must be a shard number from 0 to {len(self.pools) - 1}"
+            )
+        self.pinned_shard = int(value)
+        return self._reply_local(_command_complete(b"SET"), self._status_now())
+
+    def _status_now(self) -> int:
+        if self.held or self.distributed is not None:
+            return (
+                _FAILED if self.held_failed or (self.distributed and self.distributed.failed) else _IN_BLOCK
+            )
+        return self.status if self.server is not None else _IDLE
 
     def _transaction_control(self, first: str, second: str, message: bytes) -> bool | None:
         """BEGIN is held until a statement shows where it runs; None: pass the statement on."""

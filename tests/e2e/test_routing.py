@@ -551,3 +551,17 @@ def test_install_ids_gives_unique_ids_per_shard(sharded_cluster: ClusterFactory)
             # The function really is shard i's own copy.
             assert cluster.scalar(i, "SELECT pgshard_id_shard(pgshard_id())") == i
     assert len(set(every)) == len(every) == 4000
+
+
+def test_session_setting_pins_a_shard(sharded_cluster: ClusterFactory) -> None:
+    """`SET pgshard.shard = N` sends the session's statements to shard N until RESET."""
+    cluster = sharded_cluster(shards=4, sharded_tables=[ITEMS])
+    with cluster.connect() as conn:
+        conn.execute("SET pgshard.shard = 3")
+        assert conn.execute("SELECT inet_server_port()").fetchone() == (cluster.servers[3].port,)
+        conn.execute("CREATE TABLE pinned_notes (id int PRIMARY KEY)")
+        conn.execute("INSERT INTO pinned_notes (id) VALUES (%s)", (1,))
+        assert [cluster.has_table(i, "pinned_notes") for i in range(4)] == [False, False, False, True]
+        assert sqlstate_of(conn, "SET pgshard.shard = 9") == "22023"
+        conn.execute("RESET pgshard.shard")
+        assert sqlstate_of(conn, "SELECT id FROM pinned_notes") == "42P01"  # back to the default shard
