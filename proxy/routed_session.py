@@ -24,7 +24,8 @@ from proxy import multishard
 from proxy.log import log
 from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
-from proxy.session import ClientSession
+from proxy.protocol.framing import iter_messages
+from proxy.session import _HIGH_WATER, ClientSession
 
 if TYPE_CHECKING:
     from proxy.app import ProxyApp
@@ -87,21 +88,15 @@ class RoutedSession(ClientSession):
             return
         if self.blocked:
             self.buf += data
-            if len(self.buf) > 256 * 1024:
+            if len(self.buf) > _HIGH_WATER:
                 self.pause_client()
             return
-        pos, n = 0, len(data)
-        max_length = self.max_message
-        while n - pos >= 5 and not self.blocked:
-            length = _from_bytes(data[pos + 1 : pos + 5], "big")
-            if length < 4 or length > max_length:
-                raise ProtocolError(f"invalid message length {length} for message type {chr(data[pos])!r}")
-            end = pos + 1 + length
-            if end > n:
-                break
-            if not self._dispatch(data[pos], data[pos:end]):
+        pos = 0
+        for msg_type, start, end in iter_messages(data, 0, self.max_message):
+            if self.blocked or not self._dispatch(msg_type, data[start:end]):
                 break
             pos = end
+        n = len(data)
         self._flush_out()
         if pos < n:
             self.buf += data[pos:]
