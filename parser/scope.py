@@ -284,7 +284,67 @@ def _aggregates_and_windows(select: exp.Select) -> tuple[bool, bool]:
             if isinstance(inner, exp.Expr):
                 stack.extend(inner.iter_expressions())  # sum(count(*)) OVER (): count is an aggregate
             continue
-        if isinstance(n, exp.AggFunc):
+        if isinstance(n, exp.AggFunc) or (
+            isinstance(n, exp.Anonymous) and str(n.this).lower() in POSTGRES_AGGREGATES_SQLGLOT_MISSES
+        ):
             aggregates = True
         stack.extend(n.iter_expressions())
     return aggregates, window
+
+
+# PostgreSQL's built-in aggregates that sqlglot reads as plain (anonymous) functions: missing one
+# would let a read over several shards return one row per shard. User-defined aggregates are not
+# known here (a documented limit).
+POSTGRES_AGGREGATES_SQLGLOT_MISSES = frozenset(
+    [
+        "every",
+        "bit_xor",
+        "xmlagg",
+        "json_object_agg",
+        "jsonb_object_agg",
+        "json_object_agg_strict",
+        "json_object_agg_unique",
+        "jsonb_object_agg_strict",
+        "jsonb_object_agg_unique",
+        "range_agg",
+        "range_intersect_agg",
+        "regr_avgx",
+        "regr_avgy",
+        "regr_count",
+        "regr_intercept",
+        "regr_r2",
+        "regr_slope",
+        "regr_sxx",
+        "regr_sxy",
+        "regr_syy",
+        "covar_pop",
+        "covar_samp",
+        "corr",
+        "var_pop",
+        "var_samp",
+        "variance",
+        "stddev_pop",
+        "stddev_samp",
+        "stddev",
+        "mode",
+        "percentile_cont",
+        "percentile_disc",
+        "rank",
+        "dense_rank",
+        "percent_rank",
+        "cume_dist",
+        "string_agg",
+        "array_agg",
+        "json_agg",
+        "jsonb_agg",
+        "bool_and",
+        "bool_or",
+        "bit_and",
+        "bit_or",
+        "count",
+        "sum",
+        "avg",
+        "min",
+        "max",
+    ]
+)

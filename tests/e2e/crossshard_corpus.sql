@@ -275,3 +275,5 @@ SELECT id FROM orders WHERE qty = 1 EXCEPT SELECT id FROM customers ORDER BY 1 -
 SELECT status, (SELECT count(*) FROM customers) FROM orders GROUP BY status -- expect 0A000
 SELECT status, count(*) FROM orders GROUP BY CUBE (status) -- expect 0A000
 SELECT status, count(*) OVER () FROM orders GROUP BY status -- expect 0A000
+SELECT every(flag) FROM orders
+SELECT status, every(flag) FROM orders GROUP BY status ORDER BY status

@@ -748,3 +748,11 @@ def test_routed_writes_equal_one_database(template: str, k: int, k2: int, big: i
 def test_a_constant_sqlglot_misreads_does_not_poison_the_cache(router: Router) -> None:
     assert error(router, "SELECT * FROM orders WHERE user_id = 1_000")[0] == "0A000"  # PostgreSQL 16 spelling
     assert shards(router, "SELECT * FROM orders WHERE user_id = 5") == (hs(5),)
+
+
+def test_postgres_aggregates_sqlglot_reads_as_plain_functions_still_need_a_merge() -> None:
+    """every() over several shards must be merged (or refused), never answered once per shard."""
+    from parser.analysis import analyse
+
+    plan = analyse("SELECT every(flag), bit_xor(n) FROM orders")
+    assert plan.merge is not None and plan.merge.aggregates
