@@ -11,13 +11,14 @@ issue 5); until then a failure between two shards' COMMITs can leave one committ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
 from pooler.server_connection import ServerConnection, ServerError
-from proxy import fanout_read, prepared
+from proxy import copy_in, fanout_read, prepared
 from proxy.log import log
 from proxy.protocol import backend, frontend
 from router.route import Broadcast
@@ -100,6 +101,54 @@ async def _replay_begin(servers: dict[int, ServerConnection], begin: list[bytes]
             raise errors[0]
 
 
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+async def run_each_or_raise(servers: dict[int, ServerConnection], sql: str) -> None:
+    errors = await _run_each(servers, sql)
+    if errors:
+        raise errors[0]
+
+
+async def rollback_quietly(servers: dict[int, ServerConnection]) -> None:
+    with contextlib.suppress(OSError):
+        await _run_each(servers, "ROLLBACK")
+
+
+async def open_block_on(session: RoutedSession, shards: Sequence[int]) -> DistributedTransaction | None:
+    """Inside a client's transaction block: that block, now open on `shards` too; else None."""
+    dist = session.distributed
+    if dist is None and session.held:
+        dist = DistributedTransaction(begin=session.held)
+        session.held = []
+        session.distributed = dist
+    if dist is None:
+        return None
+    await _join(session, dist, shards)
+    return dist
+
+
+async def _copy_in(session: RoutedSession, route: Route, message: bytes) -> bool:
+    """COPY FROM STDIN into a sharded table, split by key; False if this is not such a COPY."""
+    assert session.router is not None
+    plan = session.router.plan(message[5:-1]).copy
+    if not copy_in.splittable(plan, session):
+        return False
+    assert plan is not None
+    try:
+        await copy_in.run_copy_in(session, route, message, plan)
+    except copy_in.CopyAborted as exc:
+        dist = session.distributed
+        status = _FAILED if dist is not None else _IDLE
+        _reply(session, backend.error_response(exc.sqlstate, exc.message), status)
+    return True
+
+
+def reply(session: RoutedSession, body: bytes, status: bytes | None) -> None:
+    _reply(session, body, status)
+
+
 def _reply(session: RoutedSession, body: bytes, status: bytes | None) -> None:
     """The reply and its ReadyForQuery (none when the client's messages ended in Flush)."""
     if session.transport is not None and not session.transport.is_closing():
@@ -166,6 +215,8 @@ async def run_query(session: RoutedSession, route: Route, message: bytes) -> Non
     """A statement that needs several shards, outside a transaction or as the first of a held block."""
     if fanout_read.is_fanout_read(route):
         await fanout_read.run_fanout_read(session, route, message)
+        return
+    if route.kind.value == "copy" and await _copy_in(session, route, message):
         return
     unsupported = unsupported_reason(route)
     if unsupported:
@@ -296,6 +347,12 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
     if route.error is not None:
         dist.failed = True
         _reply(session, backend.error_response(*route.error), _FAILED)
+        return
+    if (
+        route.kind.value == "copy"
+        and session.pinned_shard is None
+        and await _copy_in(session, route, message)
+    ):
         return
     if (
         fanout_read.is_fanout_read(route)

@@ -88,7 +88,10 @@ class RoutedSession(ClientSession):
             return
         if self.blocked:
             self.buf += data
-            if len(self.buf) > _HIGH_WATER:
+            waiter = self._reader_waiter
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)  # a COPY in progress reads the client's rows from here
+            elif len(self.buf) > _HIGH_WATER:
                 self.pause_client()
             return
         pos = 0
@@ -198,6 +201,21 @@ class RoutedSession(ClientSession):
             return self._wait_for_drain()
         self._run(multishard.run_query(self, route, message))
         return True
+
+    async def read_copy_message(self) -> tuple[int, bytes]:
+        """The client's next message during a COPY FROM STDIN that pgshard splits itself."""
+        while True:
+            if len(self.buf) >= 5:
+                length = _from_bytes(self.buf[1:5], "big")
+                if length < 4 or length > self.max_message:
+                    raise ProtocolError(f"invalid message length {length} during COPY")
+                if len(self.buf) > length:
+                    msg_type = self.buf[0]
+                    body = bytes(self.buf[5 : length + 1])
+                    del self.buf[: length + 1]
+                    self.resume_client()
+                    return msg_type, body
+            await self._wait_for_client()
 
     def _shard_setting(self, sql: str) -> bool | None:
         """`SET pgshard.shard = N` pins this session's statements to shard N; RESET lifts it.

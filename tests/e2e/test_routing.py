@@ -13,6 +13,7 @@ import re
 import uuid
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -565,3 +566,24 @@ def test_session_setting_pins_a_shard(sharded_cluster: ClusterFactory) -> None:
         assert sqlstate_of(conn, "SET pgshard.shard = 9") == "22023"
         conn.execute("RESET pgshard.shard")
         assert sqlstate_of(conn, "SELECT id FROM pinned_notes") == "42P01"  # back to the default shard
+
+
+def test_copy_from_stdin_splits_rows_by_key(sharded_cluster: ClusterFactory, tmp_path: Path) -> None:
+    """`\\copy` into a sharded table: every row on its hash shard, one summed count; CSV is refused."""
+    cluster = sharded_cluster(shards=4, sharded_tables=[ITEMS])
+    keys = list(range(-500, 1500, 3))
+    data = tmp_path / "items.tsv"
+    data.write_text("".join(f"{k}\tv\\t{k}\n" for k in keys))  # an escaped tab inside a value
+    out = cluster.psql_ok(
+        "CREATE TABLE items (id bigint PRIMARY KEY, v text NOT NULL);\n"
+        f"\\copy items from '{data}'\n"
+        "BEGIN;\nTRUNCATE items;\n"
+        f"\\copy items (id, v) from '{data}' with (freeze on)\n"
+        "COMMIT;\n"
+    )
+    assert out.count(f"COPY {len(keys)}") == 2, out
+    assert_placed(cluster, ITEMS, keys)
+    with cluster.connect() as conn:
+        assert conn.execute("SELECT v FROM items WHERE id = %s", (1,)).fetchone() == ("v\t1",)
+    refused = cluster.psql(f"\\copy items from '{data}' with (format csv)\n")
+    assert "0A000" in refused.stderr or "text format only" in refused.stderr
