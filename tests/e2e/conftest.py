@@ -92,6 +92,20 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def launch_pgshard(config_path: Path, stderr_path: Path) -> subprocess.Popen[bytes]:
+    """`pgshard run -c config_path` as a real process, its output in stderr_path."""
+    with stderr_path.open("wb") as stderr:
+        return subprocess.Popen(
+            [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=stderr,
+            stderr=stderr,
+            cwd=REPO_ROOT,
+            env=clean_env(PYTHONUNBUFFERED="1"),
+            start_new_session=True,  # terminal signals for pytest do not reach it
+        )
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -300,16 +314,7 @@ class ProxyFactory:
             config_path = self.tmp_dir / f"pgshard-{n}.toml"
             config_path.write_text(text)
             stderr_path = self.tmp_dir / f"pgshard-{n}.stderr"
-            with stderr_path.open("wb") as stderr:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=stderr,
-                    stderr=stderr,
-                    cwd=REPO_ROOT,
-                    env=clean_env(PYTHONUNBUFFERED="1"),
-                    start_new_session=True,  # terminal signals for pytest do not reach it
-                )
+            proc = launch_pgshard(config_path, stderr_path)
             passwords = {str(u["name"]): u.get("password") for u in user_tables}
             proxy = ProxyProcess(
                 port=port,

@@ -44,9 +44,13 @@ from tests.e2e.conftest import (
     ProxyProcess,
     ProxyStartError,
     clean_env,
+    launch_pgshard,
 )
 
 SERVER_NAMES = ("routing0", "routing1", "routing2", "routing3")
+TWO = pytest.param(2, id="2shards")
+FOUR = pytest.param(4, id="4shards")
+SHARD_COUNTS = [TWO, FOUR]
 #: A test's pgshard is killed this long after it started, so a client stuck on a hung proxy fails
 #: the test (with a note in the attached stderr) instead of hanging the suite.
 TEST_DEADLINE = 60.0
@@ -308,16 +312,7 @@ def sharded_cluster_fixture(
             config_path = tmp_path / f"pgshard-sharded-{n}-{_attempt}.toml"
             config_path.write_text(text)
             stderr_path = tmp_path / f"pgshard-sharded-{n}-{_attempt}.stderr"
-            with stderr_path.open("wb") as stderr:
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "proxy.cli", "run", "-c", str(config_path)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=stderr,
-                    stderr=stderr,
-                    cwd=REPO_ROOT,
-                    env=clean_env(PYTHONUNBUFFERED="1"),
-                    start_new_session=True,
-                )
+            proc = launch_pgshard(config_path, stderr_path)
             proxy = ProxyProcess(
                 port=port,
                 config_path=config_path,

@@ -21,6 +21,9 @@ import pytest
 
 from router.ids import shard_of_id
 from tests.e2e.sharded import (  # noqa: F401
+    FOUR,
+    SHARD_COUNTS,
+    TWO,
     ClusterFactory,
     Sharded,
     ShardedCluster,
@@ -32,10 +35,6 @@ from tests.e2e.sharded import (  # noqa: F401
 )
 
 pytestmark = pytest.mark.e2e
-
-TWO = pytest.param(2, id="2shards")
-FOUR = pytest.param(4, id="4shards")
-SHARD_COUNTS = [TWO, FOUR]
 
 ITEMS = Sharded("items", "id", "bigint")
 TITEMS = Sharded("titems", "k", "text")

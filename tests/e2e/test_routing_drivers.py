@@ -18,6 +18,9 @@ import psycopg
 import pytest
 
 from tests.e2e.sharded import (  # noqa: F401
+    FOUR,
+    SHARD_COUNTS,
+    TWO,
     ClusterFactory,
     Sharded,
     ShardedCluster,
@@ -29,10 +32,6 @@ from tests.e2e.sharded import (  # noqa: F401
 )
 
 pytestmark = pytest.mark.e2e
-
-TWO = pytest.param(2, id="2shards")
-FOUR = pytest.param(4, id="4shards")
-SHARD_COUNTS = [TWO, FOUR]
 TABLES = [Sharded("items", "id", "bigint"), Sharded("titems", "k", "text"), Sharded("uitems", "u", "uuid")]
 COMMAND_TIMEOUT = 8.0
 
