@@ -16,13 +16,14 @@ _LEADING = re.compile(rb"(?:\s+|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*\*/)*([A-Za
 _LEADING_WORDS = re.compile(
     r"(?:\s+|--[^\n]*(?:\n|$)|/\*(?:[^*]|\*(?!/))*\*/)*([A-Za-z_]+)(?:\s+([A-Za-z_]+))?(?:\s+([A-Za-z_]+))?"
 )
+_WORD = re.compile(rb"[A-Za-z_]+")
 _DOLLAR_TAG = re.compile(r"\$(?:[A-Za-z_][A-Za-z_0-9]*)?\$")
 
 
 def leading_keyword(sql: bytes | bytearray | memoryview, start: int = 0) -> bytes:
     """The first keyword, upper-cased (b"" if there is none): enough to classify most statements."""
-    m = _LEADING.match(sql, start)
-    return m.group(1).upper() if m else b""
+    m = _WORD.match(sql, start) or _LEADING.match(sql, start)  # most statements start with it
+    return m.group(m.lastindex or 0).upper() if m else b""
 
 
 def leading_words(sql: str) -> tuple[str, str, str]:
@@ -34,13 +35,16 @@ def leading_words(sql: str) -> tuple[str, str, str]:
 
 
 _MORE_AFTER_SEMICOLON = re.compile(rb";[\s;\x00]*[^\s;\x00]")
+_BLANK_OR_SEMICOLON = b" \t\n\r\f\v;\x00"
 
 
 def has_more_statements(sql: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
     """Whether a simple Query may carry several statements (cheap pre-check before splitting)."""
     stop = len(sql) if end is None else end
     semi = sql.find(b";", start, stop)
-    return semi >= 0 and _MORE_AFTER_SEMICOLON.search(sql, semi, stop) is not None
+    if semi < 0 or not sql[semi + 1 : stop].strip(_BLANK_OR_SEMICOLON):
+        return False  # none, or only a trailing one: the common case, without a regex
+    return _MORE_AFTER_SEMICOLON.search(sql, semi, stop) is not None
 
 
 def split_statements(sql: str) -> list[str]:
