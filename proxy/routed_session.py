@@ -202,20 +202,41 @@ class RoutedSession(ClientSession):
         self._run(multishard.run_query(self, route, message))
         return True
 
-    async def read_copy_message(self) -> tuple[int, bytes]:
-        """The client's next message during a COPY FROM STDIN that pgshard splits itself."""
+    async def read_copy_message(self, coalesce: int = 0) -> tuple[int, bytes]:
+        """The client's next message during a COPY FROM STDIN that pgshard runs itself. With
+        `coalesce`, CopyData messages already received come joined, up to about that many bytes: a
+        client sending a message per row (pgbench -i) costs one step per batch, not per row."""
         while True:
-            if len(self.buf) >= 5:
-                length = _from_bytes(self.buf[1:5], "big")
+            buf = self.buf
+            if len(buf) >= 5:
+                length = _from_bytes(buf[1:5], "big")
                 if length < 4 or length > self.max_message:
                     raise ProtocolError(f"invalid message length {length} during COPY")
-                if len(self.buf) > length:
-                    msg_type = self.buf[0]
-                    body = bytes(self.buf[5 : length + 1])
-                    del self.buf[: length + 1]
+                if len(buf) > length:
+                    msg_type = buf[0]
+                    pos = length + 1
+                    parts = [bytes(buf[5:pos])]
+                    size = length - 4
+                    while msg_type == 0x64 and size < coalesce and len(buf) - pos >= 5 and buf[pos] == 0x64:
+                        length = _from_bytes(buf[pos + 1 : pos + 5], "big")
+                        if length < 4 or length > self.max_message or len(buf) - pos <= length:
+                            break
+                        parts.append(bytes(buf[pos + 5 : pos + 1 + length]))
+                        size += length - 4
+                        pos += length + 1
+                    del buf[:pos]
                     self.resume_client()
-                    return msg_type, body
+                    return msg_type, parts[0] if len(parts) == 1 else b"".join(parts)
             await self._wait_for_client()
+
+    async def skip_copy_data(self) -> None:
+        """A COPY FROM STDIN that pgshard ran failed while the client was still sending: drop its
+        CopyData up to its CopyDone or CopyFail, as PostgreSQL does, and stop at any other message
+        (a client that gave up on the COPY)."""
+        while not self.buf or self.buf[0] in (0x64, 0x63, 0x66):
+            msg_type, _ = await self.read_copy_message()
+            if msg_type != 0x64:
+                return
 
     def _shard_setting(self, sql: str) -> bool | None:
         """`SET pgshard.shard = N` pins this session's statements to shard N; RESET lifts it.
