@@ -7,7 +7,9 @@ exactly from text (`column_key`): integers and numeric as numbers (NaN above eve
 as IEEE values (NaN above infinity), booleans, uuids, dates and timestamps in ISO DateStyle (time
 zone offsets applied, BC years, +-infinity), and text only where the collation orders by bytes
 (C, POSIX, or a libc C.UTF-8, whose glibc collation is code point order, i.e. UTF-8 byte order).
-Anything else has no key here: the caller lets a PostgreSQL server sort (bounded) or refuses.
+Values in binary format (a client asking for binary results) have their own keys
+(`binary_column_key`). Anything else has no key here: the caller lets a PostgreSQL server sort
+(bounded) or refuses.
 NULLs sort as larger than every value (NULLS LAST for ASC, FIRST for DESC), unless told otherwise.
 """
 
@@ -119,6 +121,58 @@ def column_key(
     if type_oid in (DATE, TIMESTAMP, TIMESTAMPTZ) and not iso_dates:
         return None
     return _KEYS.get(type_oid)
+
+
+# Binary forms (the types' send functions): integers, dates and timestamps are big-endian integers
+# in PostgreSQL's own order (infinities are the extreme values); text is the same bytes as its text
+# form; floats IEEE; numeric a base-10000 digit array. A client asking for binary results (asyncpg
+# always does) gets the shards' rows as they are, so the merge reads these.
+_INT = int.from_bytes
+_F4, _F8 = struct.Struct(">f").unpack, struct.Struct(">d").unpack
+_NUMERIC_HEAD = struct.Struct(">hhHh").unpack_from
+_NUMERIC_NAN, _NUMERIC_PINF, _NUMERIC_NINF, _NUMERIC_NEG = 0xC000, 0xD000, 0xF000, 0x4000
+
+
+def _signed(value: bytes) -> int:
+    return _INT(value, "big", signed=True)
+
+
+def _unsigned(value: bytes) -> int:
+    return _INT(value, "big")
+
+
+def _binary_float(value: bytes) -> tuple[int, float]:
+    number = (_F4 if len(value) == 4 else _F8)(value)[0]
+    return (1, 0.0) if number != number else (0, number)
+
+
+def _binary_numeric(value: bytes) -> tuple[int, Any]:
+    ndigits, weight, sign, _dscale = _NUMERIC_HEAD(value)
+    if sign == _NUMERIC_NAN:
+        return (1, 0)
+    if sign in (_NUMERIC_PINF, _NUMERIC_NINF):
+        return (0, Decimal("Infinity" if sign == _NUMERIC_PINF else "-Infinity"))
+    whole = 0
+    for i in range(ndigits):
+        whole = whole * 10000 + _INT(value[8 + 2 * i : 10 + 2 * i], "big")
+    if whole == 0:
+        return (0, Decimal(0))
+    digits = tuple(int(c) for c in str(whole))
+    return (0, Decimal((1 if sign == _NUMERIC_NEG else 0, digits, (weight - ndigits + 1) * 4)))
+
+
+_BINARY_KEYS: dict[int, Callable[[bytes], Any]] = {
+    INT2: _signed, INT4: _signed, INT8: _signed, OID: _unsigned, NUMERIC: _binary_numeric,
+    FLOAT4: _binary_float, FLOAT8: _binary_float, BOOL: _bytes, UUID: _bytes, DATE: _signed,
+    TIMESTAMP: _signed, TIMESTAMPTZ: _signed,
+}  # fmt: skip
+
+
+def binary_column_key(type_oid: int, byte_order_text: bool = False) -> Callable[[bytes], Any] | None:
+    """`column_key` for values in binary format (the DateStyle does not matter there)."""
+    if type_oid in TEXT_TYPES:
+        return column_key(type_oid, byte_order_text)
+    return _BINARY_KEYS.get(type_oid)
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,9 +369,9 @@ class ShardStream:
             elif msg_type == _T:
                 self.description = body
                 return msg_type, body
-            elif (
-                msg_type not in b"SA"
-            ):  # ParameterStatus, NotificationResponse: not the client's business here
+            elif msg_type not in b"SA12":
+                # ParameterStatus, NotificationResponse: not the client's business here; ParseComplete,
+                # BindComplete: the extended-protocol run of a query of pgshard's
                 return msg_type, body
 
     async def next_row(self) -> bytes | None:

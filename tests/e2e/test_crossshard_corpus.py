@@ -8,12 +8,19 @@ the same column names and type OIDs, and the same rows as text: in order where t
 is total (every LIMIT query's is), as a multiset where the corpus line says `-- multiset`; float
 columns within a relative tolerance (`-- float4` loosens it for real sums). A line marked
 `-- expect 0A000` must be refused by pgshard with SQLSTATE 0A000 (the reference answers it).
+
+The extended protocol gets the same checks through asyncpg and psycopg (binary and text results, the
+corpus' LIMIT/OFFSET and comparison literals sent as parameters), plus raw messages compared one by
+one with the reference's replies, named statements bound twice, errors and transaction blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import random
+import re
 import subprocess
 import sys
 import time
@@ -24,13 +31,16 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import psycopg
 import pytest
 from psycopg import pq
 
 from proxy.localpg import LocalPostgres, free_port
+from proxy.protocol import backend, frontend
 from tests.conftest import APP_PASSWORD, APP_USER, PgFactory
 from tests.e2e.conftest import HOST, REPO_ROOT, START_DEADLINE, clean_env
+from tests.e2e.rawclient import RawClient
 
 #: Until proxy/multishard.py:run_query hands these reads to proxy.fanout_read, pgshard refuses them.
 WIRED = "run_fanout_read" in (REPO_ROOT / "proxy" / "multishard.py").read_text()
@@ -49,6 +59,7 @@ SCHEMA = [
     "code char(4), created_at timestamptz, local_at timestamp, day date, flag boolean, bits int, "
     "PRIMARY KEY (customer_id, id))",
     "CREATE TABLE countries (code text PRIMARY KEY, name text)",
+    "CREATE AGGREGATE corpus_sum (int) (sfunc = int4pl, stype = int)",  # user-defined: pgshard learns it
 ]
 NAMES = [
     "Alice", "alice", "ALICE", "Bob", "bob", "Émile", "émile", "Zoë", "zoe", "O'Brien", "de la Cruz",
@@ -398,3 +409,366 @@ def test_session_settings_shape_the_merge(cluster: Cluster) -> None:
         )
     finally:
         _same_answers(cluster, ["RESET ALL"])
+
+
+# the extended protocol: asyncpg, psycopg and raw messages -------------------------------------------
+#: Integer literals after LIMIT, OFFSET and comparisons, to be sent as parameters.
+_LITERAL = re.compile(r"(\bLIMIT|\bOFFSET|[<>]=?|(?<![<>!])=)\s+(\d+)\b(?![.\d])")
+_MID_STATEMENT_ERRORS = ("1 / 0", "(qty - qty)")  # rows may precede the error: compared message by message
+
+
+def parameterized(sql: str) -> tuple[str, list[int]]:
+    """`sql` with those literals as $1, $2, ... and their values."""
+    values: list[int] = []
+
+    def parameter(m: re.Match[str]) -> str:
+        values.append(int(m.group(2)))
+        return f"{m.group(1)} ${len(values)}"
+
+    return _LITERAL.sub(parameter, sql), values
+
+
+#: (entry, SQL, parameter values): every corpus query as written, then those with literals as $n.
+EXTENDED = [(e, e.sql, []) for e in ENTRIES if not any(x in e.sql for x in _MID_STATEMENT_ERRORS)]
+EXTENDED += [(e, sql, v) for e, _, _ in EXTENDED for sql, v in [parameterized(e.sql)] if v]
+
+
+def _same_values(a: Any, b: Any, tolerance: float) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=tolerance, abs_tol=tolerance)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same_values(x, y, tolerance) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and bool(a == b)
+
+
+def _differs(entry: Entry, expected: Any, got: Any) -> str | None:
+    """Driver-decoded answers, (column names and types, rows) or an error's name; None if they agree."""
+    if entry.refuse:
+        return None if got == "0A000" else f"expected 0A000, got {got!r:.300}"
+    if isinstance(expected, str) or isinstance(got, str):
+        return None if expected == got else f"{got!r:.300}, expected {expected!r:.300}"
+    (want_names, want), (have_names, have) = expected, got
+    if want_names != have_names:
+        return f"columns {have_names}, expected {want_names}"
+    if want == have:  # the columns' types are the same: so are the values' Python types
+        return None
+    if entry.multiset:
+        want, have = sorted(want, key=repr), sorted(have, key=repr)
+    if len(want) != len(have):
+        return f"{len(have)} rows, expected {len(want)}"
+    for n, (w, h) in enumerate(zip(want, have, strict=True)):
+        if not _same_values(w, h, entry.tolerance):
+            return f"row {n}: {h!r:.300}, expected {w!r:.300}"
+    return None
+
+
+def _urls(cluster: Cluster) -> list[str]:
+    """asyncpg URLs of the reference server and of pgshard."""
+    return [
+        f"postgresql://{APP_USER}:{APP_PASSWORD}@{c.info.host}:{c.info.port}/{DATABASE}"
+        for c in (cluster.reference, cluster.proxy)
+    ]
+
+
+async def _asyncpg_answer(conn: asyncpg.Connection, sql: str, values: Sequence[Any]) -> Any:
+    try:
+        stmt = await conn.prepare(sql)
+        rows = await stmt.fetch(*values)
+    except asyncpg.PostgresError as exc:
+        return str(exc.sqlstate)
+    except (ValueError, OverflowError) as exc:  # a value Python cannot hold (a BC date)
+        return type(exc).__name__
+    return [(a.name, a.type.oid) for a in stmt.get_attributes()], [tuple(r) for r in rows]
+
+
+@awaiting_integration
+async def test_corpus_through_asyncpg(cluster: Cluster) -> None:
+    """The corpus through asyncpg (binary parameters and results): every query with literals as $n,
+    every third one as written (for time); named statements (Parse + Describe, then Bind + Execute)
+    and unnamed ones without a statement cache (the Bind comes a Sync after its Parse)."""
+    urls = _urls(cluster)
+    ref, prx = [await asyncpg.connect(url, timeout=10, command_timeout=20) for url in urls]
+    unnamed = await asyncpg.connect(urls[1], timeout=10, command_timeout=20, statement_cache_size=0)
+    problems = []
+    try:
+        for n, (entry, sql, values) in enumerate(EXTENDED):
+            if n % 3 and not values:
+                continue
+            expected = await _asyncpg_answer(ref, sql, values)
+            got = await _asyncpg_answer(unnamed if n % 2 else prx, sql, values)
+            if problem := _differs(entry, expected, got):
+                problems.append(f"{sql} {values}: {problem}")
+        assert await prx.fetchval("SELECT 1") == 1 and await unnamed.fetchval("SELECT 2") == 2
+    finally:
+        for conn in (ref, prx, unnamed):
+            await conn.close()
+    if cluster.proc.poll() is not None:
+        pytest.fail(f"pgshard died:\n{cluster.stderr.read_text()[-5000:]}")
+    assert not problems, "\n".join(problems)
+
+
+def _psycopg_answer(cur: psycopg.Cursor[Any], sql: str, values: Sequence[Any]) -> Any:
+    """psycopg's placeholders are %s: the corpus' own % are doubled."""
+    try:
+        cur.execute(re.sub(r"\$\d+", "%s", sql.replace("%", "%%")) if values else sql, values or None)
+        return [(d.name, d.type_code) for d in cur.description or []], cur.fetchall()
+    except psycopg.DataError as exc:  # a value Python cannot hold (a BC date): the same on both sides
+        if exc.sqlstate is None:
+            return type(exc).__name__
+        return exc.sqlstate
+    except psycopg.Error as exc:
+        return exc.sqlstate or "?"
+
+
+@awaiting_integration
+@pytest.mark.parametrize("binary", [False, True], ids=["text", "binary"])
+def test_corpus_through_psycopg(cluster: Cluster, binary: bool) -> None:
+    """The corpus queries with literals as parameters through psycopg (Parse, Bind, Describe, Execute,
+    Sync), text or binary results; binary ones as named statements (prepare_threshold 0: Parse + Sync
+    answered by pgshard, then Bind of the statement, Describe, Execute)."""
+    connect = {"user": APP_USER, "password": APP_PASSWORD, "dbname": DATABASE, "autocommit": True}
+    problems = []
+    with (
+        psycopg.connect(host=cluster.reference.info.host, port=cluster.reference.info.port, **connect) as ref,
+        psycopg.connect(
+            host=cluster.proxy.info.host, port=cluster.proxy.info.port, prepare_threshold=0 if binary else 5,
+            **connect,
+        ) as prx,
+    ):  # fmt: skip
+        ref_cur, prx_cur = ref.cursor(binary=binary), prx.cursor(binary=binary)
+        for entry, sql, values in EXTENDED:
+            if not values:
+                continue  # without parameters: test_query, and asyncpg's binary reads
+            expected = _psycopg_answer(ref_cur, sql, values)
+            if problem := _differs(entry, expected, _psycopg_answer(prx_cur, sql, values)):
+                problems.append(f"{sql} {values}: {problem}")
+    if cluster.proc.poll() is not None:
+        pytest.fail(f"pgshard died:\n{cluster.stderr.read_text()[-5000:]}")
+    assert not problems, "\n".join(problems)
+
+
+def _replies(messages: list[tuple[int, bytes]]) -> list[tuple[str, Any]]:
+    """What a client reads, comparable across servers: RowDescriptions without table OIDs, errors by
+    SQLSTATE; notices and ParameterStatus left out."""
+    out: list[tuple[str, Any]] = []
+    for msg_type, body in messages:
+        kind = chr(msg_type)
+        if kind == "T":
+            fields = backend.decode_row_description(body)
+            out.append((kind, [(f.name, f.type_oid, f.type_size, f.type_modifier, f.format) for f in fields]))
+        elif kind == "E":
+            out.append((kind, backend.decode_error_fields(body).get("C")))
+        elif kind not in "NS":
+            out.append((kind, body))
+    return out
+
+
+async def _exchange(client: RawClient, data: bytes) -> list[tuple[str, Any]]:
+    """Send `data` and read the replies up to ReadyForQuery (or, after a Flush, to the result's end)."""
+    client.send(data)
+    if not data.endswith(frontend.FLUSH):
+        return _replies(await client.read_until_ready())
+    messages: list[tuple[int, bytes]] = []
+    async with asyncio.timeout(10):
+        while not messages or chr(messages[-1][0]) not in "CE":
+            messages.append(await client.read_message())
+    return _replies(messages)
+
+
+def _int8(value: int) -> bytes:
+    return value.to_bytes(8, "big", signed=True)
+
+
+@awaiting_integration
+async def test_extended_replies_match_one_server(cluster: Cluster) -> None:
+    """Message by message, pgshard answers extended-protocol fan-out reads as the reference server
+    does: ParseComplete, ParameterDescription, RowDescriptions with the client's format codes,
+    BindComplete, rows in text or binary, errors where the server reports them."""
+    named = (
+        "SELECT status, count(*) AS n, sum(qty) AS q FROM orders WHERE qty > $1 GROUP BY status "
+        'HAVING count(*) > $2 ORDER BY status COLLATE "C" NULLS FIRST LIMIT $3'
+    )
+
+    def one(
+        sql: str, params: Sequence[bytes | None] = (), formats: Sequence[int] = (1,), pf: Sequence[int] = ()
+    ) -> bytes:
+        """psycopg's shape: Parse, Bind, Describe portal, Execute, Sync (binary results by default)."""
+        return (
+            frontend.parse("", sql) + frontend.bind("", "", pf, params, formats) + frontend.describe(b"P")
+            + frontend.execute() + frontend.sync()
+        )  # fmt: skip
+
+    steps = [
+        # a named statement: Parse, Describe it, Bind text and binary values with per-column formats
+        frontend.parse("s1", named) + frontend.describe(b"S", "s1")
+        + frontend.bind("", "s1", (0, 1, 0), (b"3", _int8(40), b"5"), (1, 0, 1))
+        + frontend.describe(b"P") + frontend.execute() + frontend.sync(),
+        # executed again with other values, binary results, no Describe (asyncpg's shape)
+        frontend.bind("", "s1", (), (b"10", b"1", b"100"), (1,)) + frontend.execute() + frontend.sync(),
+        # streamed merges of binary keys: timestamptz, numeric, date (BC, infinity), float (NaN), text
+        one(
+            "SELECT id, created_at, amount, day, status, exact FROM orders WHERE qty >= $3 "
+            "ORDER BY created_at DESC, id LIMIT $1 OFFSET $2",
+            (_int8(12), _int8(30), b"7"), (1,), (1, 1, 0),
+        ),
+        one("SELECT id, amount, exact FROM orders ORDER BY amount DESC, exact, id LIMIT $1", [b"90"]),
+        one("SELECT id, day, local_at FROM orders ORDER BY day NULLS FIRST, local_at, id LIMIT 9"),
+        one("SELECT id, price, weight FROM orders ORDER BY price DESC NULLS LAST, id LIMIT $1", (b"12",)),
+        one('SELECT id, status FROM orders ORDER BY status COLLATE "C" DESC, id LIMIT 40 OFFSET $1', (b"7",)),
+        one("SELECT DISTINCT qty FROM orders WHERE qty < $1 ORDER BY qty DESC NULLS LAST", (b"9",), (0,)),
+        # errors: a value the Bind rejects, too many result formats, a failure while running
+        one("SELECT count(*) FROM orders WHERE qty > $1", (b"abc",)),
+        one("SELECT count(*), max(id) FROM orders", (), (1, 1, 1)),
+        one("SELECT count(*) FROM orders WHERE 1 / (qty - qty) > 0"),
+        # Flush instead of Sync: the replies, and the ReadyForQuery when the Sync comes
+        frontend.parse("", "SELECT max(amount), min(id) FROM orders WHERE qty = $1")
+        + frontend.bind("", "", (), (b"4",), (1,)) + frontend.describe(b"P") + frontend.execute()
+        + frontend.flush(),
+        frontend.sync(),
+        frontend.parse("", "SELECT count(*) FROM orders WHERE qty > $1") + frontend.bind("", "", (), (b"x",))
+        + frontend.execute() + frontend.flush(),
+        frontend.describe(b"P") + frontend.sync(),  # skipped after the error, up to the Sync
+        # Execute with a row limit (asyncpg's fetchrow, fetchval): PortalSuspended once it is reached
+        frontend.parse("", "SELECT count(*) FROM orders") + frontend.bind("", "", (), (), (1,))
+        + frontend.execute("", 1) + frontend.sync(),
+        frontend.parse("", "SELECT id FROM orders ORDER BY id DESC") + frontend.bind("", "")
+        + frontend.execute("", 3) + frontend.sync(),
+        frontend.parse("", "SELECT id, qty FROM orders ORDER BY qty, id LIMIT 4") + frontend.bind("", "")
+        + frontend.execute("", 4) + frontend.sync(),
+        frontend.parse("", "SELECT status, count(*) FROM orders GROUP BY 1 ORDER BY 1 LIMIT $1")
+        + frontend.bind("", "", (), (b"5",)) + frontend.execute("", 9) + frontend.sync(),
+        frontend.query("SELECT 1"),
+    ]  # fmt: skip
+    reference, proxy = [
+        await RawClient.login(c.info.host, c.info.port, APP_USER, APP_PASSWORD, DATABASE)
+        for c in (cluster.reference, cluster.proxy)
+    ]
+    try:
+        for data in steps:
+            expected = await _exchange(reference, data)
+            assert await _exchange(proxy, data) == expected, data[:200]
+        # Refused, with a clear 0A000: a fan-out read in a pipeline with another statement, and one
+        # read in parts (a named portal, a cursor, executed with a row limit).
+        parse, bind = frontend.parse("", "SELECT id FROM orders ORDER BY id"), frontend.bind("", "")
+        pipeline = parse + bind + frontend.execute()
+        in_parts = parse + frontend.bind("c1", "") + frontend.execute("c1", 2) + frontend.sync()
+        for data in (pipeline * 2 + frontend.sync(), in_parts):
+            replies = await _exchange(proxy, data)
+            assert [r[0] for r in replies] == ["E", "Z"] and replies[0][1] == "0A000", replies
+            assert replies[-1][1] == b"I"
+        # In a block, the portal of a read whose row limit was reached cannot be executed again (one
+        # server would send the rest): an error, never rows of pgshard's own queries.
+        await _exchange(proxy, frontend.query("BEGIN"))
+        replies = await _exchange(proxy, parse + bind + frontend.execute("", 2) + frontend.sync())
+        assert [r[0] for r in replies] == ["1", "2", "D", "D", "s", "Z"], replies
+        replies = await _exchange(proxy, frontend.execute("", 2) + frontend.sync())
+        assert [r[0] for r in replies] == ["E", "Z"] and replies[0][1] == "34000", replies
+        await _exchange(proxy, frontend.query("ROLLBACK"))
+        assert await proxy.scalar("SELECT count(*) FROM orders") == "6000"
+    finally:
+        await reference.terminate()
+        await proxy.terminate()
+
+
+class _Rollback(Exception):
+    pass
+
+
+_HAVING = (
+    "SELECT status, count(*), sum(qty) FROM orders WHERE qty > $1 GROUP BY status HAVING count(*) > $2 "
+    'ORDER BY status COLLATE "C" NULLS FIRST LIMIT $3'
+)
+_ONE_SHARD_FAILS = "SELECT count(*) FROM orders WHERE 100 / (customer_id - $1) > 0"  # customer 5's shard
+_INSERT = "INSERT INTO orders (id, customer_id, qty, status) VALUES ($1, $2, $3, 'zz')"
+
+
+async def _asyncpg_story(conn: asyncpg.Connection) -> list[Any]:
+    """A named statement run twice, an error on one shard, reads in transaction blocks: the answers."""
+    out: list[Any] = []
+
+    async def fetch(sql: str, *args: Any) -> None:
+        try:
+            out.append([tuple(r) for r in await conn.fetch(sql, *args)])
+        except asyncpg.PostgresError as exc:
+            out.append(exc.sqlstate)
+
+    async def first() -> None:  # fetchval and fetchrow: Execute with a row limit of 1
+        out.append(await conn.fetchval("SELECT count(*) FROM orders WHERE qty > $1", 3))
+        row = await conn.fetchrow("SELECT id, qty FROM orders WHERE qty < $1 ORDER BY id DESC", 30)
+        out.append(None if row is None else tuple(row))
+
+    stmt = await conn.prepare(_HAVING)
+    out += [[tuple(r) for r in await stmt.fetch(*args)] for args in ((3, 300, 4), (40, 10, 10))]
+    await first()
+    await fetch(_ONE_SHARD_FAILS, 5)
+    with contextlib.suppress(_Rollback):
+        async with conn.transaction():  # a read first (BEGIN is held), then a write, then reads
+            await fetch("SELECT count(*), sum(qty) FROM orders WHERE qty > $1", 3)
+            await conn.execute(_INSERT, 900101, 5, 7)
+            await fetch("SELECT count(*), sum(qty) FROM orders WHERE qty > $1", 3)
+            await fetch("SELECT id, qty FROM orders ORDER BY id DESC LIMIT $1", 2)
+            out.append([tuple(r) for r in await stmt.fetch(3, 300, 4)])
+            await first()
+            raise _Rollback
+    with contextlib.suppress(_Rollback):
+        async with conn.transaction():  # a write first: the block is on one shard until the read
+            await conn.execute(_INSERT, 900102, 6, 8)
+            await fetch("SELECT id, customer_id FROM orders WHERE status = $1 ORDER BY id", "zz")
+            await fetch(_ONE_SHARD_FAILS, 5)
+            await fetch("SELECT max(id) FROM orders WHERE qty > $1", 1)
+            raise _Rollback
+    await fetch("SELECT count(*), max(id) FROM orders WHERE status = $1 OR id > $2", "zz", 900000)
+    return out
+
+
+@awaiting_integration
+async def test_asyncpg_statements_errors_and_blocks(cluster: Cluster) -> None:
+    """A named statement with a parameterised HAVING and LIMIT bound twice, a read failing on one
+    shard, fan-out reads in blocks (held BEGIN, after a write on one shard, after an error): the
+    reference's answers."""
+    answers = []
+    for url in _urls(cluster):
+        conn = await asyncpg.connect(url, timeout=10, command_timeout=20)
+        try:
+            answers.append(await _asyncpg_story(conn))
+        finally:
+            await conn.close()
+    assert answers[1] == answers[0]
+    assert answers[0][4] == "22012" and answers[0][-2] == "25P02"
+
+
+def _psycopg_story(conn: psycopg.Connection[Any]) -> list[Any]:
+    out: list[Any] = []
+
+    def run(sql: str, params: Sequence[Any], binary: bool = False, prepare: bool | None = None) -> None:
+        try:
+            cur = conn.cursor(binary=binary)
+            out.append(cur.execute(re.sub(r"\$\d+", "%s", sql), params, prepare=prepare).fetchall())
+        except psycopg.Error as exc:
+            out.append(exc.sqlstate)
+
+    run(_HAVING, (3, 300, 4), prepare=True)
+    run(_HAVING, (40, 10, 10), binary=True, prepare=True)  # the same named statement again
+    run(_ONE_SHARD_FAILS, (5,), binary=True)
+    with contextlib.suppress(_Rollback), conn.transaction():
+        run("SELECT count(*), sum(qty) FROM orders WHERE qty > $1", (3,))
+        conn.execute(re.sub(r"\$\d+", "%s", _INSERT), (900101, 5, 7))
+        run("SELECT id, qty FROM orders ORDER BY id DESC LIMIT $1", (2,), binary=True)
+        run(_HAVING, (3, 300, 4), prepare=True)
+        run(_ONE_SHARD_FAILS, (5,))
+        run("SELECT count(*) FROM orders WHERE qty > $1", (3,))
+        raise _Rollback
+    run("SELECT count(*), max(id) FROM orders WHERE status = $1 OR id > $2", ("zz", 900000), binary=True)
+    return out
+
+
+@awaiting_integration
+def test_psycopg_statements_errors_and_blocks(cluster: Cluster) -> None:
+    """The same with psycopg: prepared statements (text, then binary results), errors, a block."""
+    connect = {"user": APP_USER, "password": APP_PASSWORD, "dbname": DATABASE, "autocommit": True}
+    answers = []
+    for c in (cluster.reference, cluster.proxy):
+        with psycopg.connect(host=c.info.host, port=c.info.port, **connect) as conn:
+            answers.append(_psycopg_story(conn))
+    assert answers[1] == answers[0]
+    assert answers[0][2] == "22012" and answers[0][-2] == "25P02"

@@ -1,15 +1,20 @@
-"""The k-way merge of ordered shard results (router/merge.py): PostgreSQL's order from text values."""
+"""The k-way merge of ordered shard results (router/merge.py): PostgreSQL's order from text and binary
+values."""
 
 from __future__ import annotations
 
 import asyncio
+import math
+import struct
 from collections.abc import Sequence
+from decimal import Decimal
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from psycopg.types.numeric import DecimalBinaryDumper
 
 from proxy.protocol import backend
 from router import merge
@@ -17,6 +22,7 @@ from router.merge import (
     MergeKey,
     ShardError,
     ShardStream,
+    binary_column_key,
     byte_order,
     column_key,
     compare,
@@ -111,6 +117,59 @@ def test_text_only_in_byte_order_collations() -> None:
     assert k(b"ab  ") == k(b"ab")  # bpchar ignores trailing spaces
     assert column_key(merge.DATE, iso_dates=False) is None
     assert column_key(1186) is None  # interval: left to the server
+
+
+# binary keys (a client asking for binary results gets the shards' rows as they are) ------------------
+def _numeric_binary(value: Decimal) -> bytes:
+    """PostgreSQL's numeric_send, as psycopg (an independent implementation) writes it."""
+    return bytes(DecimalBinaryDumper(Decimal).dump(value) or b"")
+
+
+def test_binary_numeric_reads_the_exact_value() -> None:
+    k = binary_column_key(merge.NUMERIC)
+    assert k is not None
+    for text in ("1.50", "-0.001", "1e3", "0", "0.0000", "123456789.000000001", "-1e-20", "-99999.9999"):
+        assert k(_numeric_binary(Decimal(text))) == (0, Decimal(text))
+    assert k(_numeric_binary(Decimal("NaN"))) == (1, 0)  # NaN above everything, as in text
+    assert k(_numeric_binary(Decimal("-Infinity"))) < k(_numeric_binary(Decimal("-1e300")))
+    assert k(_numeric_binary(Decimal("1e300"))) < k(_numeric_binary(Decimal("Infinity"))) < (1, 0)
+
+
+@given(st.decimals(min_value=-(10**40), max_value=10**40, allow_nan=False))
+def test_binary_numeric_orders_as_text(value: Decimal) -> None:
+    binary, text = binary_column_key(merge.NUMERIC), column_key(merge.NUMERIC)
+    assert binary is not None and text is not None
+    assert binary(_numeric_binary(value)) == text(str(value).encode())
+
+
+def test_binary_keys_order_as_postgresql() -> None:
+    def order(oid: int, values: Sequence[bytes]) -> list[bytes]:
+        key = binary_column_key(oid)
+        assert key is not None
+        return sorted(values, key=key)
+
+    int8 = [struct.pack(">q", v) for v in (-(2**63), -1, 0, 1, 2**62)]
+    assert order(merge.INT8, list(reversed(int8))) == int8
+    assert order(merge.INT2, [struct.pack(">h", 5), struct.pack(">h", -5)]) == [
+        struct.pack(">h", v) for v in (-5, 5)
+    ]
+    floats = [struct.pack(">d", v) for v in (-math.inf, -1.5, 0.0, 2.25, math.inf, math.nan)]
+    assert order(merge.FLOAT8, list(reversed(floats))) == floats  # NaN above infinity
+    assert order(merge.FLOAT4, [struct.pack(">f", math.nan), struct.pack(">f", 1.0)])[0] == struct.pack(
+        ">f", 1.0
+    )
+    # dates: int32 days since 2000-01-01, timestamps: int64 microseconds; infinities are the extremes
+    days = [struct.pack(">i", v) for v in (-(2**31), -730_000, -1, 0, 9000, 2**31 - 1)]
+    assert order(merge.DATE, list(reversed(days))) == days
+    micros = [struct.pack(">q", v) for v in (-(2**63), -5, 0, 10**15, 2**63 - 1)]
+    assert order(merge.TIMESTAMPTZ, list(reversed(micros))) == micros
+    assert order(merge.BOOL, [b"\x01", b"\x00"]) == [b"\x00", b"\x01"]
+    assert order(merge.OID, [struct.pack(">I", 2**32 - 1), struct.pack(">I", 7)])[0] == struct.pack(">I", 7)
+    # text: the same bytes as its text form, so only in a byte-order collation
+    assert binary_column_key(merge.TEXT) is None
+    key = binary_column_key(merge.BPCHAR, byte_order_text=True)
+    assert key is not None and key(b"ab  ") == key(b"ab")
+    assert binary_column_key(1186) is None  # interval: left to the server
 
 
 @pytest.mark.parametrize(
