@@ -70,9 +70,10 @@ _VOLATILE = re.compile(
 )
 
 
-def analyse(sql: str) -> StatementPlan:
-    """The plan of one statement (a multi-statement string must be split first)."""
-    plan = _analyse(sql)
+def analyse(sql: str, aggregates: frozenset[str] | None = frozenset()) -> StatementPlan:
+    """The plan of one statement (a multi-statement string must be split first). `aggregates`: the
+    database's user-defined aggregates, None while unknown (see `parser.scope.ScopeWalker`)."""
+    plan = _analyse(sql, aggregates)
     if plan.cacheable and plan.unparsed and plan.literal_count:
         # sqlglot may have failed on a constant's spelling (0x1F, 1_000): do not let this
         # statement's failure stand for every statement of its shape
@@ -83,7 +84,7 @@ def analyse(sql: str) -> StatementPlan:
     return plan
 
 
-def _analyse(sql: str) -> StatementPlan:
+def _analyse(sql: str, aggregates: frozenset[str] | None) -> StatementPlan:
     fp, spans = literal_spans(sql)
     masked = display(fp.key).replace("'?'", "''")  # constants neutralised for keyword regexes
     literal_at = {s.start: (i, s.literal) for i, s in enumerate(spans)}
@@ -100,28 +101,33 @@ def _analyse(sql: str) -> StatementPlan:
         offset = m.end() if m else len(sql)
         inner = leading_words(sql[offset:])[0]
         if inner in _QUERY:
-            plan = _query(sql, offset, literal_at, masked)
+            plan = _query(sql, offset, literal_at, masked, aggregates=aggregates)
             return _replace(plan, explain=True, **common)
         return StatementPlan(StatementKind.UTILITY, explain=True, **common)
     if first in _DDL:
-        return _ddl(sql, masked, literal_at, common)
+        return _ddl(sql, masked, literal_at, common, aggregates)
     if first == "COPY":
-        return _copy(sql, masked, literal_at, common)
+        return _copy(sql, masked, literal_at, common, aggregates)
     if first in _UTILITY:
         m = _INNER_QUERY.match(sql) if first in ("DECLARE", "PREPARE") else None
         if m:
-            plan = _query(sql, m.end(), literal_at, masked)
+            plan = _query(sql, m.end(), literal_at, masked, aggregates=aggregates)
             return _replace(plan, kind=StatementKind.UTILITY, **common)
         tables = utility_tables(first, masked)
         occurrences = tuple(TableRef(t) for t in tables)
         return StatementPlan(StatementKind.UTILITY, tables=occurrences, write=first == "LOCK", **common)
     if first in _QUERY:
-        return _replace(_query(sql, 0, literal_at, masked), **common)
+        return _replace(_query(sql, 0, literal_at, masked, aggregates=aggregates), **common)
     return _unparsed(StatementKind.OTHER, masked, f"unknown statement {first}", common)
 
 
 def _query(
-    sql: str, offset: int, literal_at: dict[int, tuple[int, Literal]], masked: str, end: int | None = None
+    sql: str,
+    offset: int,
+    literal_at: dict[int, tuple[int, Literal]],
+    masked: str,
+    end: int | None = None,
+    aggregates: frozenset[str] | None = frozenset(),
 ) -> StatementPlan:
     """Analyse a query or DML statement starting at `offset` with sqlglot."""
     try:
@@ -131,15 +137,20 @@ def _query(
     if isinstance(tree, exp.Command) or tree is None:
         return _unparsed(StatementKind.OTHER, masked, "sqlglot read it as an opaque command", {})
     try:
-        return _plan_of(tree, sql, offset, literal_at, masked)
+        return _plan_of(tree, sql, offset, literal_at, masked, aggregates)
     except Exception as e:  # a tree shape the walker does not expect: refuse rather than guess
         return _unparsed(StatementKind.OTHER, masked, f"analysis failed: {type(e).__name__}: {e}"[:200], {})
 
 
 def _plan_of(
-    tree: exp.Expr, sql: str, offset: int, literal_at: dict[int, tuple[int, Literal]], masked: str
+    tree: exp.Expr,
+    sql: str,
+    offset: int,
+    literal_at: dict[int, tuple[int, Literal]],
+    masked: str,
+    aggregates: frozenset[str] | None,
 ) -> StatementPlan:
-    walker = ScopeWalker(literal_at, offset)
+    walker = ScopeWalker(literal_at, offset, aggregates)
     target: int | None = None
     assigned: tuple[str, ...] = ()
     insert: InsertPlan | None = None
@@ -205,6 +216,11 @@ def _plan_of(
         reducing_scopes=tuple(walker.reducing),
         nested_writes=tuple(walker.nested_writes),
         set_operations=tuple(walker.set_operations),
+        user_aggregates=tuple(walker.user_aggregates),
+        row_sources=tuple(walker.row_sources),
+        ungrouped=tuple(walker.ungrouped),
+        union_parts=walker.union_parts,
+        union_split=walker.union_split,
         volatile=_volatile(masked),
         locks=walker.locks,
         ddl=ddl,
@@ -213,7 +229,11 @@ def _plan_of(
 
 
 def _ddl(
-    sql: str, masked: str, literal_at: dict[int, tuple[int, Literal]], common: dict[str, Any]
+    sql: str,
+    masked: str,
+    literal_at: dict[int, tuple[int, Literal]],
+    common: dict[str, Any],
+    aggregates: frozenset[str] | None,
 ) -> StatementPlan:
     ddl = analyse_ddl(masked)
     tables: tuple[TableRef, ...] = tuple(TableRef(t) for t in ddl.tables)
@@ -232,7 +252,7 @@ def _ddl(
         and re.search(r"\bAS\s*\(?\s*(?:SELECT|WITH|VALUES|TABLE)\b", masked, re.IGNORECASE)
     ):
         # CREATE TABLE ... AS <query>: the query's tables decide as much as the new table's home
-        source = _ctas_source(sql, literal_at, masked)
+        source = _ctas_source(sql, literal_at, masked, aggregates)
         if source is not None:
             occurrences = tables + tuple(
                 TableRef(t.name, t.schema, t.alias, t.scope + 1) for t in source.tables
@@ -244,12 +264,15 @@ def _ddl(
                 equalities=_shift(source.equalities, len(tables)),
                 reducing_scopes=(),
                 set_operations=source.set_operations,
+                user_aggregates=source.user_aggregates,
                 unparsed=source.unparsed,
             )
     return plan
 
 
-def _ctas_source(sql: str, literal_at: dict[int, tuple[int, Literal]], masked: str) -> StatementPlan | None:
+def _ctas_source(
+    sql: str, literal_at: dict[int, tuple[int, Literal]], masked: str, aggregates: frozenset[str] | None
+) -> StatementPlan | None:
     try:
         tree = sqlglot.parse_one(sql, dialect=_POSTGRES)
     except (SqlglotError, RecursionError, ValueError, KeyError, TypeError):
@@ -257,7 +280,7 @@ def _ctas_source(sql: str, literal_at: dict[int, tuple[int, Literal]], masked: s
     query = tree.args.get("expression") if isinstance(tree, exp.Create) else None
     if not isinstance(query, exp.Query):
         return _unparsed(StatementKind.OTHER, masked, "", {})
-    walker = ScopeWalker(literal_at, 0)
+    walker = ScopeWalker(literal_at, 0, aggregates)
     walker.query(query, None, {}, top=True)
     return StatementPlan(
         StatementKind.SELECT,
@@ -265,6 +288,7 @@ def _ctas_source(sql: str, literal_at: dict[int, tuple[int, Literal]], masked: s
         constraints=tuple(walker.constraints),
         equalities=tuple(walker.equalities),
         set_operations=tuple(walker.set_operations),
+        user_aggregates=tuple(walker.user_aggregates),
     )
 
 
@@ -284,7 +308,11 @@ def _shift(items: tuple[Any, ...], by: int) -> tuple[Any, ...]:
 
 
 def _copy(
-    sql: str, masked: str, literal_at: dict[int, tuple[int, Literal]], common: dict[str, Any]
+    sql: str,
+    masked: str,
+    literal_at: dict[int, tuple[int, Literal]],
+    common: dict[str, Any],
+    aggregates: frozenset[str] | None,
 ) -> StatementPlan:
     m = _COPY.match(masked)
     if m is None:
@@ -292,7 +320,7 @@ def _copy(
     if m.group(1):  # COPY (query) TO ...
         start = re.match(r"\s*COPY\s*\(", sql, re.IGNORECASE)
         close = closing_paren(sql, start.end() - 1) if start else None
-        inner = _query(sql, start.end(), literal_at, masked, close) if start and close else None
+        inner = _query(sql, start.end(), literal_at, masked, close, aggregates) if start and close else None
         if inner is None or inner.unparsed:
             return _unparsed(StatementKind.COPY, masked, "COPY (query) not understood", common)
         return _replace(inner, kind=StatementKind.COPY, copy=CopyPlan(None, None, "to"), **common)

@@ -33,9 +33,16 @@ _ON_TABLE = re.compile(  # CREATE TRIGGER/POLICY/RULE ... ON t
     rf"\s*CREATE\s+(?:OR\s+REPLACE\s+)?(?:CONSTRAINT\s+)?(TRIGGER|POLICY|RULE)\b.*?\bON\s+({_QNAME})", _I
 )
 _ALTER_TABLE = re.compile(rf"\s*ALTER\s+TABLE\s+(?:IF\s+EXISTS\s+)?(?:ONLY\s+)?({_QNAME})", _I)
-_DROP_TABLE = re.compile(rf"\s*DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?({_QNAMES})", _I)
+_DROP_TABLE = re.compile(rf"\s*DROP\s+TABLE\s+(IF\s+EXISTS\s+)?({_QNAMES})", _I)
+# The table list of DROP TABLE / TRUNCATE in the client's own text (a leading ONLY included).
+_TABLE_LIST = re.compile(
+    rf"\s*(?:DROP\s+TABLE\s+(?:IF\s+EXISTS\s+)?|TRUNCATE\s+(?:TABLE\s+)?)((?:ONLY\s+)?{_QNAMES})", _I
+)
 _TRUNCATE = re.compile(rf"\s*TRUNCATE\s+(?:TABLE\s+)?(?:ONLY\s+)?({_QNAMES})", _I)
 _COMMENT = re.compile(rf"\s*COMMENT\s+ON\s+(TABLE|COLUMN)\s+({_QNAME})", _I)
+# The aggregates a statement makes: the router learns their names at once (see parser.scope).
+_CREATE_AGGREGATE = re.compile(rf"\s*CREATE\s+(?:OR\s+REPLACE\s+)?AGGREGATE\s+({_QNAME})", _I)
+_RENAME_AGGREGATE = re.compile(rf"\s*ALTER\s+AGGREGATE\s+.*?\bRENAME\s+TO\s+({_NAME})", _I)
 _OBJECT = re.compile(
     r"\s*(CREATE|ALTER|DROP|COMMENT)\s+(?:ON\s+)?(?:OR\s+REPLACE\s+)?(?:(?:GLOBAL|LOCAL|TEMP|TEMPORARY|UNLOGGED|"
     r"UNIQUE|TRUSTED|PROCEDURAL|RECURSIVE|DEFAULT|CONSTRAINT)\s+)*(MATERIALIZED\s+VIEW|FOREIGN\s+TABLE|"
@@ -109,6 +116,22 @@ def _names(qualified_list: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def table_list(sql: str) -> tuple[int, int, list[tuple[str, str]]] | None:
+    """DROP TABLE or TRUNCATE as the client wrote it: the span of its table list and each item's
+    text with its table name; None if the text does not read plainly (a comment inside, say)."""
+    m = _TABLE_LIST.match(sql)
+    if m is None:
+        return None
+    items = []
+    for item in re.split(r",(?=(?:[^\"]|\"[^\"]*\")*$)", m.group(1)):
+        text = item.strip()
+        bare = re.sub(r"^ONLY\s+", "", text, flags=re.IGNORECASE).rstrip(" \t\r\n*")
+        if not bare:
+            return None
+        items.append((text, split_name(bare)[1]))
+    return m.start(1), m.end(1), items
+
+
 def analyse_ddl(masked: str) -> DdlPlan:
     """Action, object kind and tables of a DDL statement (CREATE, ALTER, DROP, TRUNCATE, COMMENT)."""
     m = _CREATE_TABLE.match(masked)
@@ -134,7 +157,7 @@ def analyse_ddl(masked: str) -> DdlPlan:
         return DdlPlan("ALTER", "TABLE", (split_name(m.group(1))[1],), True)
     m = _DROP_TABLE.match(masked)
     if m:
-        return DdlPlan("DROP", "TABLE", _names(m.group(1)), True)
+        return DdlPlan("DROP", "TABLE", _names(m.group(2)), True, if_exists=bool(m.group(1)))
     m = _TRUNCATE.match(masked)
     if m:
         return DdlPlan("TRUNCATE", "TABLE", _names(m.group(1)), True)
@@ -143,6 +166,10 @@ def analyse_ddl(masked: str) -> DdlPlan:
         schema, name = split_name(m.group(2))
         table = (schema or name) if m.group(1).upper() == "COLUMN" else name
         return DdlPlan("COMMENT", m.group(1).upper(), (table,), True)
+    m = _CREATE_AGGREGATE.match(masked) or _RENAME_AGGREGATE.match(masked)
+    if m:
+        action = "CREATE" if masked.lstrip()[:6].upper() == "CREATE" else "ALTER"
+        return DdlPlan(action, "AGGREGATE", name=split_name(m.group(1))[1])
     m = _OBJECT.match(masked)
     if m:
         return DdlPlan(m.group(1).upper(), " ".join(m.group(2).upper().split()))

@@ -3,7 +3,8 @@ value of every VALUES row.
 
 A multi-row INSERT whose rows belong on different shards is split by slicing the client's text
 into one INSERT per shard (`row_spans`), never by re-rendering it through sqlglot, which would
-change column names and spellings (DESIGN.md, "Parsing and rewriting").
+change column names and spellings (DESIGN.md, "Parsing and rewriting"). The parts of a UNION ALL
+that run on different shards are cut from the text the same way (`split_union`).
 """
 
 from __future__ import annotations
@@ -206,6 +207,42 @@ def closing_paren(sql: str, open_paren: int) -> int | None:
             if depth == 0:
                 return m.start()
     return None
+
+
+def split_union(sql: str) -> list[str] | None:
+    """The parts of a top-level UNION [ALL] chain as the client wrote them (a UNION ALL run part by
+    part, `router.union`); None if the text has a top-level INTERSECT or EXCEPT, or no UNION."""
+    depth = 0
+    parts: list[str] = []
+    start = 0
+    skip_quantifier = False
+    end = len(sql)
+    for m in _ROW_TOKENS.finditer(sql):
+        token = m.group()
+        if token.startswith(("--", "/*")):
+            continue
+        word = token.upper()
+        if skip_quantifier:
+            skip_quantifier = False
+            if word in ("ALL", "DISTINCT"):
+                start = m.end()
+                continue
+        if token == "(":
+            depth += 1
+        elif token == ")":
+            depth -= 1
+        elif depth == 0 and word in ("INTERSECT", "EXCEPT"):
+            return None
+        elif depth == 0 and word == "UNION":
+            parts.append(sql[start : m.start()].strip())
+            start, skip_quantifier = m.end(), True
+        elif depth == 0 and token == ";":
+            end = m.start()
+            break
+    if not parts:
+        return None
+    parts.append(sql[start:end].strip())
+    return parts if all(parts) else None
 
 
 def split_insert(sql: str, spans: RowSpans, rows: list[int]) -> str:

@@ -181,6 +181,8 @@ class DdlPlan:
     table_ddl: bool = False  # about tables (their placement decides) rather than other objects
     columns: tuple[str, ...] = ()  # CREATE TABLE's column names
     temporary: bool = False
+    name: str | None = None  # the aggregate a CREATE AGGREGATE (or ALTER AGGREGATE ... RENAME TO) makes
+    if_exists: bool = False  # DROP ... IF EXISTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +207,25 @@ class StatementPlan:
     reducing_scopes: tuple[ReducingScope, ...] = ()
     nested_writes: tuple[int, ...] = ()  # occurrences written by data-modifying WITH queries
     set_operations: tuple[str, ...] = ()  # INTERSECT / EXCEPT anywhere (not decomposable per shard)
+    user_aggregates: tuple[str, ...] = ()
+    """Functions the top query block calls as aggregates that only the catalog says are aggregates
+    (user-defined, or any unknown function while the catalog has not been read): their partial
+    results cannot be combined. In a nested block they make it a reducing scope instead."""
+    row_sources: tuple[tuple[tuple[int, ...], ...], ...] = ()
+    """Per query block, what each of its rows is made of, as clauses: every row holds a row of at
+    least one item of every clause. An item is a table occurrence (>= 0) or a block b (-1 - b). A
+    block whose rows each hold a row of a sharded table returns, over several shards, every row
+    once; any other block (a sharded table only in a subquery or on the nullable side of an outer
+    join) would repeat or lose rows."""
+    ungrouped: tuple[int, ...] = ()
+    """Blocks that aggregate without GROUP BY (or with grouping sets): they return a row even when
+    they read none, so run where none of their rows are, they still answer."""
+    union_parts: tuple[tuple[int, ...], ...] = ()
+    """Per part of a top-level UNION [ALL] chain, its query block and every block whose rows flow
+    into it (a part's own block first)."""
+    union_split: bool = False
+    """The top-level UNION chain can run part by part and be concatenated: every UNION in it is
+    UNION ALL and nothing applies to the whole (WITH, ORDER BY, LIMIT, OFFSET)."""
     volatile: tuple[str, ...] = ()  # volatile functions called (now, random, nextval, ...)
     locks: bool = False  # SELECT ... FOR UPDATE/SHARE
     ddl: DdlPlan | None = None

@@ -11,6 +11,10 @@ the router may narrow a statement to the shards holding those rows and never los
 - OR, NOT, <> and every other predicate are ignored: ignoring a conjunct can only widen a route.
 Columns are matched to tables by qualifier and alias; an unqualified column in a block of several
 tables keeps its candidates, and the router (which knows the key columns) picks one.
+
+Each block also records what its rows are made of (`StatementPlan.row_sources`), so the router can
+tell a read whose every row comes from one sharded row (it may run on several shards) from one that
+would repeat or lose rows there (`countries LEFT JOIN orders`, `EXISTS (... orders ...)` alone).
 """
 
 from __future__ import annotations
@@ -25,13 +29,28 @@ from parser.plan import ColumnRef, Constraint, Equality, MergeFlags, ReducingSco
 from parser.values import ValueReader
 
 _NO_OCCURRENCES: frozenset[int] = frozenset()
+_MAX_CLAUSES = 64  # a FULL JOIN multiplies clauses; past this, fewer guarantees (never a wrong one)
+Clauses = tuple[tuple[int, ...], ...]
 
 
 class ScopeWalker(ConditionCollector):
     """Walks a sqlglot tree once, collecting tables, constraints and equalities."""
 
-    def __init__(self, literal_at: Mapping[int, tuple[int, Literal]], base: int = 0) -> None:
+    def __init__(
+        self,
+        literal_at: Mapping[int, tuple[int, Literal]],
+        base: int = 0,
+        aggregates: frozenset[str] | None = frozenset(),
+    ) -> None:
+        """`aggregates`: the database's user-defined aggregates (lower case); None while they are
+        not known, and then every function sqlglot does not know counts as one (never a wrong answer)."""
         self.values = ValueReader(literal_at, base)
+        self.aggregates = aggregates
+        self.user_aggregates: list[str] = []
+        self.row_sources: list[Clauses] = []
+        self.ungrouped: list[int] = []  # blocks that may return a row reading none
+        self.union_parts: tuple[tuple[int, ...], ...] = ()
+        self.union_split = False
         self.tables: list[TableRef] = []
         self.constraints: list[Constraint] = []
         self.equalities: list[Equality] = []
@@ -43,12 +62,14 @@ class ScopeWalker(ConditionCollector):
         self.merge = MergeFlags()
         self._blocks: list[Block] = []
         self._subqueries: dict[int, tuple[int, ColumnRef | None, bool]] = {}
+        self._side_blocks: dict[int, int] = {}  # id(a set operation's side) -> its block
 
     # -- blocks ---------------------------------------------------------------------------
 
     def new_block(self, parent: Block | None, ctes: Mapping[str, int]) -> Block:
         block = Block(len(self.parents), parent, ctes)
         self.parents.append(parent.id if parent else None)
+        self.row_sources.append(())
         self._blocks.append(block)
         return block
 
@@ -96,10 +117,22 @@ class ScopeWalker(ConditionCollector):
             op = type(node).__name__.lower() + ("" if node.args.get("distinct") else " all")
             if not isinstance(node, exp.Union):
                 self.set_operations.append(op)
+            sides = []
             for side in (node.this, node.expression):
-                block.children.append(self.query(side, block, ctes))
+                child = self.query(side, block, ctes)
+                self._side_blocks[id(side)] = child
+                block.children.append(child)
+                sides.append(-1 - child)
+            if isinstance(node, exp.Union):  # each row comes from one of the sides
+                self.row_sources[block.id] = (tuple(sides),)
             reducing = op == "union" or any(node.args.get(k) for k in ("order", "limit", "offset"))
             self.finish_block(node, block, top, reducing, op)
+            if top and isinstance(node, exp.Union):
+                parts, every_all = _union_chain(node)
+                self.union_parts = tuple(tuple(self.closure(self._side_blocks[id(p)])) for p in parts)
+                self.union_split = every_all and not any(
+                    node.args.get(k) for k in ("with_", "order", "limit", "offset")
+                )
         elif isinstance(node, exp.Select):
             self.select(node, block, top)
         else:
@@ -123,9 +156,10 @@ class ScopeWalker(ConditionCollector):
     def select(self, node: exp.Select, block: Block, top: bool) -> None:
         from_ = node.args.get("from_")
         left: list[int] = []
+        sources: Clauses = ()
         if isinstance(from_, exp.From):
-            left = self.from_item(from_.this, block)
-        self.joins(node.args.get("joins") or [], block, left)
+            left, sources = self.from_source(from_.this, block)
+        _, self.row_sources[block.id] = self.join_sources(node.args.get("joins") or [], block, left, sources)
         for key in ("expressions", "where", "group", "having", "qualify", "order", "limit", "offset"):
             value = node.args.get(key)
             for item in value if isinstance(value, list) else [value]:
@@ -136,8 +170,16 @@ class ScopeWalker(ConditionCollector):
             self.conjuncts(where.this, block, _NO_OCCURRENCES)
         if node.args.get("locks"):
             self.locks = True
-        aggregates, window = _aggregates_and_windows(node)
+        # a nested block's aggregate makes it a reducing scope, which the router checks on its own
+        found = self.user_aggregates if top else []
+        aggregates, window = _aggregates_and_windows(node, self.aggregates, found)
         group, having = bool(node.args.get("group")), bool(node.args.get("having"))
+        group_node = node.args.get("group")
+        sets = isinstance(group_node, exp.Group) and any(
+            isinstance(e, exp.Rollup | exp.Cube | exp.GroupingSets) for e in group_node.expressions
+        )
+        if (aggregates or having) and (not group or sets):
+            self.ungrouped.append(block.id)  # count(*) of no rows is a row
         distinct, limit, offset = (bool(node.args.get(k)) for k in ("distinct", "limit", "offset"))
         if top:
             self.merge = MergeFlags(
@@ -179,40 +221,61 @@ class ScopeWalker(ConditionCollector):
 
     def from_item(self, node: exp.Expr, block: Block) -> list[int]:
         """Register one FROM item; returns the table occurrences it brings into the block."""
+        return self.from_source(node, block)[0]
+
+    def joins(self, joins: list[exp.Join], block: Block, left: list[int]) -> list[int]:
+        return self.join_sources(joins, block, left, ())[0]
+
+    def from_source(self, node: exp.Expr, block: Block) -> tuple[list[int], Clauses]:
+        """Register one FROM item: the table occurrences it brings into the block, and what each of
+        its rows is made of (see `StatementPlan.row_sources`)."""
         if isinstance(node, exp.Table):
             occurrence = self.add_table(node, block)
-            if occurrence is None and not isinstance(node.args.get("this"), exp.Identifier):
+            name = identifier_name(node.args.get("this"))
+            sources: Clauses = ()
+            if occurrence is not None:
+                sources = ((occurrence,),)
+            elif name is not None and node.args.get("db") is None and name in block.ctes:
+                sources = ((-1 - block.ctes[name],),)  # a WITH query's rows
+            elif not isinstance(node.args.get("this"), exp.Identifier):
                 self.nested(node, block)  # a table function: generate_series(...), unnest($1)
                 _name_source(node, block)
             out = [] if occurrence is None else [occurrence]
             if node.args.get("joins"):  # a parenthesised join: (a JOIN b ON ...)
-                out = self.joins(node.args["joins"], block, out)
-            return out
+                out, sources = self.join_sources(node.args["joins"], block, out, sources)
+            return out, sources
         if isinstance(node, exp.Subquery) and not isinstance(node.this, exp.Query):
-            out = self.from_item(node.this, block)
+            found = self.from_source(node.this, block)
             _name_source(node, block)
-            return out
+            return found
         if isinstance(node, exp.Subquery | exp.Lateral):
             inner = node.this
-            block.children.append(self.query(inner, block, block.ctes))
+            child = self.query(inner, block, block.ctes)
+            block.children.append(child)
             _name_source(node, block)
-            return []
+            return [], ((-1 - child,),)
         self.nested(node, block)  # VALUES, UNNEST, ...
         _name_source(node, block)
-        return []
+        return [], ()
 
-    def joins(self, joins: list[exp.Join], block: Block, left: list[int]) -> list[int]:
+    def join_sources(
+        self, joins: list[exp.Join], block: Block, left: list[int], sources: Clauses
+    ) -> tuple[list[int], Clauses]:
         left = list(left)
         for join in joins:
-            right = self.from_item(join.this, block)
+            right, right_sources = self.from_source(join.this, block)
             side = (join.args.get("side") or "").upper()
             preserved: frozenset[int] = _NO_OCCURRENCES
             if side == "LEFT":
                 preserved = frozenset(left)
             elif side == "RIGHT":
                 preserved = frozenset(right)
+                sources = right_sources
             elif side == "FULL":
                 preserved = frozenset(left + right)
+                sources = _either(sources, right_sources)
+            else:  # inner, CROSS, comma: every row holds a row of both sides
+                sources = sources + right_sources
             on = join.args.get("on")
             if isinstance(on, exp.Expr):
                 self.nested(on, block)
@@ -228,7 +291,7 @@ class ScopeWalker(ConditionCollector):
                         side == "FULL",
                     )
             left += right
-        return left
+        return left, sources[:_MAX_CLAUSES]
 
     def nested(self, node: exp.Expr, block: Block) -> None:
         """Walk the subqueries inside an expression as child blocks of `block`."""
@@ -266,7 +329,33 @@ def _subqueries(node: exp.Expr) -> Iterator[exp.Expr]:
             stack.extend(n.iter_expressions())
 
 
-def _aggregates_and_windows(select: exp.Select) -> tuple[bool, bool]:
+def _either(left: Clauses, right: Clauses) -> Clauses:
+    """Rows that hold a row of one side or of the other (FULL JOIN): (a AND b) OR c = (a OR c) AND
+    (b OR c)."""
+    out: list[tuple[int, ...]] = []
+    for a in left:
+        for b in right:
+            if len(out) < _MAX_CLAUSES:
+                out.append(tuple(dict.fromkeys(a + b)))
+    return tuple(out)
+
+
+def _union_chain(node: exp.Expr) -> tuple[list[exp.Expr], bool]:
+    """The parts of a UNION chain written without parentheses around it, and whether every UNION
+    in it is UNION ALL."""
+    if isinstance(node, exp.Union):
+        left, left_all = _union_chain(node.this)
+        right, right_all = _union_chain(node.expression)
+        return left + right, left_all and right_all and not node.args.get("distinct")
+    return [node], True
+
+
+def _aggregates_and_windows(
+    select: exp.Select, known: frozenset[str] | None, found: list[str]
+) -> tuple[bool, bool]:
+    """Whether the block aggregates or uses window functions. A function sqlglot does not know
+    is an aggregate if it is a built-in one, a user-defined one (`known`), or any while `known` is
+    None; the latter two go into `found`."""
     aggregates = window = False
     roots = list(select.expressions)
     for key in ("having", "order", "qualify"):
@@ -284,19 +373,31 @@ def _aggregates_and_windows(select: exp.Select) -> tuple[bool, bool]:
             if isinstance(inner, exp.Expr):
                 stack.extend(inner.iter_expressions())  # sum(count(*)) OVER (): count is an aggregate
             continue
-        if isinstance(n, exp.AggFunc) or (
-            isinstance(n, exp.Anonymous) and str(n.this).lower() in POSTGRES_AGGREGATES_SQLGLOT_MISSES
-        ):
+        if isinstance(n, exp.AggFunc):
             aggregates = True
+        elif isinstance(n, exp.Anonymous):
+            name = str(n.this).lower()
+            if name in POSTGRES_AGGREGATES_SQLGLOT_MISSES:
+                aggregates = True
+            elif known is None or name in known:
+                aggregates = True
+                if name not in found:
+                    found.append(name)
         stack.extend(n.iter_expressions())
     return aggregates, window
 
 
 # PostgreSQL's built-in aggregates that sqlglot reads as plain (anonymous) functions: missing one
-# would let a read over several shards return one row per shard. User-defined aggregates are not
-# known here (a documented limit).
+# would let a read over several shards return one row per shard. User-defined aggregates come from
+# the catalog (`ScopeWalker(aggregates=...)`, read by proxy/catalog.py).
 POSTGRES_AGGREGATES_SQLGLOT_MISSES = frozenset(
     [
+        "json_agg_strict",  # PostgreSQL 16
+        "jsonb_agg_strict",
+        "json_object_agg_unique_strict",
+        "jsonb_object_agg_unique_strict",
+        "json_arrayagg",
+        "json_objectagg",
         "every",
         "bit_xor",
         "xmlagg",

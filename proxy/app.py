@@ -146,6 +146,7 @@ class ProxyApp:
         raise_open_files_limit(general.max_client_conn * 2 + 1024)
         for database in self.config.databases:
             self.router_for(database.name)  # sqlglot and the route cache load now, not at a first login
+        await janitor.refresh_catalogs(self, startup=True)
         await janitor.prepare_two_phase(self)
         loop = asyncio.get_running_loop()
         if sock is not None:

@@ -59,6 +59,7 @@ class General:
     max_prepared_statements: int = 1000  # LRU bound per server connection
     two_phase_commit: bool = True  # false: multi-shard commits are one COMMIT per shard, not atomic
     two_phase_recovery_delay: float = 30.0  # in-doubt transactions younger than this may still be committing
+    catalog_refresh_interval: float = 30.0  # seconds between reads of the user-defined aggregates
 
     @property
     def host(self) -> str:
@@ -207,6 +208,9 @@ def _read_general(t: Table, base: Path) -> General:
         ),
         two_phase_commit=t.boolean("two_phase_commit", _GENERAL.two_phase_commit),
         two_phase_recovery_delay=t.seconds("two_phase_recovery_delay", _GENERAL.two_phase_recovery_delay),
+        catalog_refresh_interval=t.seconds(
+            "catalog_refresh_interval", _GENERAL.catalog_refresh_interval, positive=True
+        ),
     )
 
 

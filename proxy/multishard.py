@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
 from pooler.server_connection import ServerConnection, ServerError
-from proxy import copy_in, fanout_read, prepared
+from proxy import copy_in, copy_out, fanout_read, prepared, union_read
+from proxy.copy_options import CopyStatementError, parse_copy
 from proxy.log import log
 from proxy.protocol import backend, frontend
 from router.route import Broadcast
@@ -129,20 +130,57 @@ async def open_block_on(session: RoutedSession, shards: Sequence[int]) -> Distri
     return dist
 
 
-async def _copy_in(session: RoutedSession, route: Route, message: bytes) -> bool:
-    """COPY FROM STDIN into a sharded table, split by key; False if this is not such a COPY."""
+async def _copy(session: RoutedSession, route: Route, message: bytes) -> bool:
+    """A COPY over several shards, or any COPY inside a block open on several: pgshard runs the COPY
+    sub-protocol itself (`proxy.copy_in`, `proxy.copy_out`); False if this is not a COPY it runs."""
     assert session.router is not None
     plan = session.router.plan(message[5:-1]).copy
-    if not copy_in.splittable(plan, session):
+    if plan is None or route.statements is not None:
         return False
-    assert plan is not None
-    try:
-        await copy_in.run_copy_in(session, route, message, plan)
-    except copy_in.CopyAborted as exc:
-        dist = session.distributed
-        status = _FAILED if dist is not None else _IDLE
-        _reply(session, backend.error_response(exc.sqlstate, exc.message), status)
+    dist = session.distributed
+    if session.pinned_shard is not None:
+        shards = [session.pinned_shard]
+    else:
+        shards = sorted(set(_shards_of(session, route))) or [next(iter(dist.servers)) if dist else 0]
+    if plan.direction == "from":
+        if plan.table is None:
+            return False
+        await copy_in.run_copy_in(session, message, plan, shards)
+        return True
+    header = False
+    if len(shards) > 1:
+        refusal: str | None = None
+        names = _merge_names(route)
+        try:
+            statement = parse_copy(message[5:-1].decode("utf-8", "replace"))
+        except CopyStatementError as exc:
+            refusal = exc.message
+        else:
+            header = statement.options.header
+            if statement.endpoint != "stdout":
+                refusal = "COPY TO a file or program from several shards is not supported: use TO STDOUT"
+        if names:
+            refusal = (
+                f"COPY (query) TO with {', '.join(names)} over several shards is not supported: COPY "
+                "gathers each shard's rows as they come, it does not merge them"
+            )
+        elif route.write:
+            refusal = "COPY of a data-modifying query's rows over several shards is not supported"
+        if refusal is not None:
+            _refuse(session, refusal)
+            return True
+    await copy_out.run_copy_out(session, message, shards, header, write=route.write)
     return True
+
+
+def _refuse(session: RoutedSession, message: str) -> None:
+    """A statement pgshard will not run: 0A000, failing the client's transaction block if any."""
+    if session.distributed is not None:
+        session.distributed.failed = True
+    elif session.held:
+        session.held_failed = True
+    status = _FAILED if session.distributed is not None or session.held else _IDLE
+    _reply(session, backend.error_response("0A000", message), status)
 
 
 def reply(session: RoutedSession, body: bytes, status: bytes | None) -> None:
@@ -181,14 +219,20 @@ def unsupported_reason(route: Route) -> str | None:
     if route.statements is not None:
         return "a multi-statement query whose statements need different shards; send them one at a time"
     if route.kind.value == "copy":
-        return "COPY of a table spread over several shards"
+        return "COPY over several shards in the extended query protocol (send it as a simple Query)"
+    names = _merge_names(route)
+    return f"{', '.join(names)} in a query that reads several shards" if names else None
+
+
+def _merge_names(route: Route) -> list[str]:
+    """The constructs of a read over several shards that need a merge, not a concatenation."""
     merge = route.merge
-    if merge is not None and merge.any:
-        names = [name for attr, name in _MERGE_CONSTRUCTS if getattr(merge, attr)]
-        if merge.set_operation:
-            names.append(merge.set_operation.upper())
-        return f"{', '.join(names)} in a query that reads several shards"
-    return None
+    if merge is None or not merge.any:
+        return []
+    names = [name for attr, name in _MERGE_CONSTRUCTS if getattr(merge, attr)]
+    if merge.set_operation:
+        names.append(merge.set_operation.upper())
+    return names
 
 
 def _shards_of(session: RoutedSession, route: Route) -> list[int]:
@@ -213,10 +257,17 @@ def _timeout(session: RoutedSession) -> float | None:
 # simple Query ---------------------------------------------------------------------------------------
 async def run_query(session: RoutedSession, route: Route, message: bytes) -> None:
     """A statement that needs several shards, outside a transaction or as the first of a held block."""
+    if session.server is not None and session.status != _IDLE[0]:
+        # A block open on the linked shard grows to the others: nothing may run outside it.
+        await grow_and_run(session, session.shard, [message])
+        return
     if fanout_read.is_fanout_read(route):
         await fanout_read.run_fanout_read(session, route, message)
         return
-    if route.kind.value == "copy" and await _copy_in(session, route, message):
+    if route.parts is not None:
+        await union_read.run_union_read(session, route, message)
+        return
+    if route.kind.value == "copy" and await _copy(session, route, message):
         return
     unsupported = unsupported_reason(route)
     if unsupported:
@@ -348,11 +399,7 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
         dist.failed = True
         _reply(session, backend.error_response(*route.error), _FAILED)
         return
-    if (
-        route.kind.value == "copy"
-        and session.pinned_shard is None
-        and await _copy_in(session, route, message)
-    ):
+    if route.kind.value == "copy" and await _copy(session, route, message):
         return
     if (
         fanout_read.is_fanout_read(route)
@@ -360,6 +407,9 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
         and len(_shards_of(session, route)) > 1
     ):
         await fanout_read.run_fanout_read(session, route, message)
+        return
+    if route.parts is not None and session.pinned_shard is None:
+        await union_read.run_union_read(session, route, message)
         return
     unsupported = unsupported_reason(route)
     if unsupported and len(_shards_of(session, route)) > 1:
@@ -402,8 +452,16 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
     """An extended-protocol group whose Binds route to several shards, or inside a distributed block.
 
     Each Bind (with its Execute and portal Describe) goes to its shards; Parse, statement Describe
-    and Close go to every shard involved. Replies are merged in the client's message order.
+    and Close go to every shard involved. Replies are merged in the client's message order. A Bind
+    of a read that needs a merge is answered by `fanout_read.run_fanout_group`.
     """
+    if session.server is not None and session.status != _IDLE[0] and session.distributed is None:
+        # A block open on the linked shard grows to the others: nothing may run outside it.
+        await grow_and_run(session, session.shard, [message for _, message, _ in group])
+        return
+    if fanout_read.binds_fanout_read(session, group):
+        await fanout_read.run_fanout_group(session, group)
+        return
     dist = session.distributed
     flushed = bool(group) and group[-1][0] == _H  # the client asked for replies, not ReadyForQuery
     default = next(iter(dist.servers)) if dist is not None else session.default_shard

@@ -11,11 +11,14 @@ The rules (DESIGN.md "Placement", "Rules for the corners"; Principle 4, never a 
   table is sharded from then on;
 - anything that would need rows of several shards at once in one place (a join not on the keys,
   a sharded table with a default-shard table elsewhere, an aggregate subquery over a sharded
-  table) is refused with 0A000 naming the construct.
+  table, a user-defined aggregate) is refused with 0A000 naming the construct; so is a read over
+  several shards whose rows do not each come from one sharded row (they would repeat or go missing);
+- the parts of a top-level UNION route on their own (`router.union`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from parser.plan import RefKind, StatementKind, StatementPlan
@@ -45,9 +48,13 @@ from router.route_plan import (
     resolve_columns,
 )
 from router.topology import TableSharding, Topology
+from router.union import Part, UnionProgram
 
 
-def compile_plan(plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = ()) -> Program:
+def compile_plan(
+    plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = (), extended: bool = False
+) -> Program:
+    """`extended`: the program routes Binds (a UNION ALL cannot be run part by part there)."""
     kind = plan.kind
     if kind in (StatementKind.TRANSACTION, StatementKind.SET):
         return Static(Route((), kind, reason="session"))
@@ -55,7 +62,7 @@ def compile_plan(plan: StatementPlan, topology: Topology, param_types: tuple[int
         return unparsed_program(plan, topology)
     if kind is StatementKind.DDL:
         program = ddl_program(plan, topology)
-        return program if program is not None else compile_query(plan, topology, param_types)
+        return program if program is not None else compile_query(plan, topology, param_types, extended)
     if kind is StatementKind.COPY and plan.copy is not None and plan.copy.table is not None:
         return copy_program(plan, topology)
     if kind is StatementKind.UTILITY and plan.leading not in ("DECLARE", "PREPARE"):
@@ -66,18 +73,18 @@ def compile_plan(plan: StatementPlan, topology: Topology, param_types: tuple[int
             plan.tables[plan.insert.table].name
         ):
             return compile_insert(plan, topology, shardings, param_types)
-    return compile_query(plan, topology, param_types)
+    return compile_query(plan, topology, param_types, extended)
 
 
-def compile_query(plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = ()) -> Program:
+def compile_query(
+    plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = (), extended: bool = False
+) -> Program:
     """SELECT, UPDATE, DELETE, MERGE, COPY (query), DECLARE/PREPARE, CREATE TABLE AS, and INSERT
     into a table of the default shard."""
     kind, write = plan.kind, plan.write
     tables = plan.tables
     shardings = resolve_columns(plan, topology)
     omni = [topology.is_omnisharded(t.name) and shardings[i] is None for i, t in enumerate(tables)]
-    local = [i for i, t in enumerate(tables) if shardings[i] is None and not omni[i]]
-    sharded = [i for i, s in enumerate(shardings) if s is not None]
 
     def refuse(message: str) -> Static:
         return Static(error_route(kind, FEATURE_NOT_SUPPORTED, message, write))
@@ -100,11 +107,38 @@ def compile_query(plan: StatementPlan, topology: Topology, param_types: tuple[in
             return refuse(
                 f'a data-modifying WITH query on omnisharded table "{tables[i].name}" is not supported'
             )
+    if plan.union_parts and not write and any(s is not None for s in shardings):
+        union = _union_program(plan, topology, shardings, param_types, extended)
+        if union is not None:
+            return union
+    return _program(plan, topology, shardings, param_types, range(len(tables)))
+
+
+def _program(
+    plan: StatementPlan,
+    topology: Topology,
+    shardings: list[TableSharding | None],
+    param_types: tuple[int, ...],
+    occurrences: Iterable[int],
+    scopes: frozenset[int] | None = None,
+    root: int = 0,
+) -> Program:
+    """The program of the statement's table occurrences `occurrences`, whose query blocks are
+    `scopes` (None: all) under block `root`: the whole statement, or one part of a UNION."""
+    kind, write = plan.kind, plan.write
+    tables = plan.tables
+    chosen = list(occurrences)
+    omni = {i for i in chosen if topology.is_omnisharded(tables[i].name) and shardings[i] is None}
+    local = [i for i in chosen if shardings[i] is None and i not in omni]
+    sharded = [i for i in chosen if shardings[i] is not None]
+
+    def refuse(message: str) -> Static:
+        return Static(error_route(kind, FEATURE_NOT_SUPPORTED, message, write))
 
     if not sharded:
         if local:
             return default_route(plan, topology, f"{tables[local[0]].name}: the default shard")
-        if any(omni) and not write and not plan.locks:
+        if omni and not write and not plan.locks:
             return round_robin(plan, topology, "omnisharded tables only: one shard")
         return default_route(plan, topology, "no sharded table: the default shard")
 
@@ -125,14 +159,8 @@ def compile_query(plan: StatementPlan, topology: Topology, param_types: tuple[in
             f'table "{tables[local[0]].name}" is not sharded and lives on shard {topology.default_shard} '
             f'only; it can be combined with sharded table "{names[0]}" only when the key fixes that shard'
         )
-    single_only = None
-    if plan.set_operations:
-        single_only = (
-            f"{plan.set_operations[0].upper()} over sharded tables on several shards is not supported"
-        )
-    elif kind is StatementKind.UTILITY:
-        single_only = f"{plan.leading} of a query on several shards is not supported; fix the shard key"
-    reducing, error = _reducing_checks(plan, topology, shardings, param_types)
+    single_only = _single_only(plan, topology, shardings, root, names[0])
+    reducing, error = _reducing_checks(plan, topology, shardings, param_types, scopes)
     if error is not None:
         return refuse(error)
 
@@ -147,6 +175,95 @@ def compile_query(plan: StatementPlan, topology: Topology, param_types: tuple[in
             if len(refs) == 1 and refs[0].kind in (RefKind.LITERAL, RefKind.PARAM) and not refs[0].array:
                 return SingleKey(only[0], routes, keyed)
     return keyed
+
+
+def _single_only(
+    plan: StatementPlan, topology: Topology, shardings: list[TableSharding | None], root: int, name: str
+) -> str | None:
+    """Why the statement (or UNION part under `root`) may run on one shard only, or None."""
+    if plan.user_aggregates:
+        calls = ", ".join(f"{n}()" for n in plan.user_aggregates)
+        if topology.user_aggregates is None:
+            what = (
+                f"{calls}, which may be a user-defined aggregate (pgshard could not read the catalog of "
+                f"shard {topology.default_shard} yet),"
+            )
+        else:
+            what = f"user-defined aggregate {calls}"
+        return (
+            f"{what} over several shards is not supported: pgshard cannot combine its partial results; "
+            "fix the shard key in WHERE so that the query reads one shard, or add a /* pgshard: shard=N */ "
+            "comment to run it on one shard"
+        )
+    if plan.set_operations:
+        return f"{plan.set_operations[0].upper()} over sharded tables on several shards is not supported"
+    if not plan.write and len(plan.row_sources) > root and not partitioned(plan, shardings, root):
+        return (
+            f'a query whose rows do not each come from a row of a sharded table (sharded table "{name}" is '
+            "read only in a subquery or on the nullable side of an outer join) would repeat or lose rows "
+            "over several shards, and is not supported; fix the shard key so that it reads one shard"
+        )
+    if plan.kind is StatementKind.UTILITY:
+        return f"{plan.leading} of a query on several shards is not supported; fix the shard key"
+    return None
+
+
+def partitioned(
+    plan: StatementPlan, shardings: list[TableSharding | None], block: int, output: bool = False
+) -> bool:
+    """Whether every row query block `block` reads (with `output`: returns) holds a row of a sharded
+    table, so that over several shards each row comes once, from the shard of that row. A block
+    that aggregates without GROUP BY returns a row even on a shard with none of its rows (for the
+    statement's own block the merge combines those); a WITH RECURSIVE query that reads itself
+    counts as not partitioned."""
+    sources, ungrouped = plan.row_sources, plan.ungrouped
+    visiting: set[int] = set()
+
+    def block_ok(b: int, output: bool) -> bool:
+        if b in visiting or b >= len(sources) or (output and b in ungrouped):
+            return False
+        visiting.add(b)
+        try:
+            return any(all(item_ok(i) for i in clause) for clause in sources[b])
+        finally:
+            visiting.discard(b)
+
+    def item_ok(item: int) -> bool:
+        return shardings[item] is not None if item >= 0 else block_ok(-1 - item, True)
+
+    return block_ok(block, output)
+
+
+def _union_program(
+    plan: StatementPlan,
+    topology: Topology,
+    shardings: list[TableSharding | None],
+    param_types: tuple[int, ...],
+    extended: bool,
+) -> Program | None:
+    """One program per part of a top-level UNION (see `router.union`); None when a table is read
+    outside every part (a WITH query no part names)."""
+    parts: list[tuple[Part, Program]] = []
+    covered: set[int] = set()
+    for blocks in plan.union_parts:
+        scopes = frozenset(blocks)
+        chosen = [i for i, t in enumerate(plan.tables) if t.scope in scopes]
+        covered.update(chosen)
+        program = _program(plan, topology, shardings, param_types, chosen, scopes, blocks[0])
+        local = any(shardings[i] is None and not topology.is_omnisharded(plan.tables[i].name) for i in chosen)
+        if any(shardings[i] is not None for i in chosen):
+            whole = partitioned(plan, shardings, blocks[0], output=True)
+            part = Part.PARTITIONED if whole and not local else Part.MIXED
+        else:
+            part = Part.LOCAL if local else Part.REPLICATED
+        parts.append((part, program))
+    if len(covered) != len(plan.tables):
+        return None
+    routes = tuple(Route((s,), plan.kind, reason="UNION parts on one shard") for s in topology.all_shards)
+    reason = ", ".join(
+        f"{t.name}.{s.column}" for t, s in zip(plan.tables, shardings, strict=True) if s is not None
+    )
+    return UnionProgram(plan, topology, parts, routes, _Multi(plan, topology, reason), extended)
 
 
 class _Multi:
@@ -211,14 +328,17 @@ def _reducing_checks(
     topology: Topology,
     shardings: list[TableSharding | None],
     param_types: tuple[int, ...],
+    scopes_of_part: frozenset[int] | None = None,
 ) -> tuple[list[tuple[Unit, str]], str | None]:
     """Subqueries that aggregate, limit or deduplicate over sharded rows are correct only if those
     rows are all on the one shard the statement runs on, or follow an outer row (correlation), or
-    the subquery groups by the key."""
+    the subquery groups by the key. `scopes_of_part`: only the subqueries of these query blocks."""
     runtime: list[tuple[Unit, str]] = []
     if topology.shard_count == 1:
         return runtime, None
     for r in plan.reducing_scopes:
+        if scopes_of_part is not None and r.scope not in scopes_of_part:
+            continue
         inside = set(r.occurrences)
         scopes = frozenset(r.scopes)
         classes = _Classes()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from parser.ddl import table_list
 from parser.plan import StatementPlan
 from router.route import FEATURE_NOT_SUPPORTED, Broadcast, Route, error_route
 from router.route_plan import Program, RoundRobin, Static
@@ -56,6 +57,16 @@ def by_placement(plan: StatementPlan, topology: Topology, names: tuple[str, ...]
 def ddl_program(plan: StatementPlan, topology: Topology) -> Program | None:
     ddl = plan.ddl
     assert ddl is not None
+    if ddl.object == "AGGREGATE" and ddl.name is not None:
+        route = Route(
+            topology.all_shards,
+            plan.kind,
+            True,
+            all_shards=True,
+            reason=f"{ddl.action} AGGREGATE {ddl.name}: every shard",
+            broadcast_kind=Broadcast.SAME,
+        )
+        return _LearnAggregate(ddl.name, topology, route)
     if not ddl.table_ddl:
         return all_shards_route(plan, topology, f"{ddl.action} {ddl.object}: every shard")
     if ddl.temporary:
@@ -99,7 +110,63 @@ def ddl_program(plan: StatementPlan, topology: Topology) -> Program | None:
                     broadcast_kind=Broadcast.SAME,
                 ),
             )
+    if ddl.action in ("DROP", "TRUNCATE") and ddl.object == "TABLE" and _homes_differ(ddl.tables, topology):
+        if ddl.if_exists:  # where a table is absent IF EXISTS makes it a no-op: every shard is exact
+            return all_shards_route(plan, topology, "DROP TABLE IF EXISTS of tables of different homes")
+        return _SplitByHome(plan, topology)
     return by_placement(plan, topology, ddl.tables, f"{ddl.action} {ddl.object}")
+
+
+def _homes_differ(names: tuple[str, ...], topology: Topology) -> bool:
+    local = [n for n in names if place(n, topology) == "local"]
+    return bool(local) and len(local) < len(names)
+
+
+class _SplitByHome(Program):
+    """DROP TABLE or TRUNCATE naming tables of the default shard with tables on every shard (pgbench
+    -i's `truncate pgbench_accounts, pgbench_branches, ...`): the default shard runs the statement as
+    written, every other shard the same statement naming only the tables it holds."""
+
+    __slots__ = ("_plan", "_topology")
+
+    def __init__(self, plan: StatementPlan, topology: Topology) -> None:
+        self._plan, self._topology = plan, topology
+
+    def route(self, values: Any, sql: str | bytes | None = None) -> Route:
+        plan, topology = self._plan, self._topology
+        text = sql.decode("utf-8", "surrogateescape") if isinstance(sql, bytes) else sql or ""
+        found = table_list(text) if not values.params else None
+        if found is None:  # not plain text, or Bind parameters (a split has no way to carry them)
+            tables = plan.ddl.tables if plan.ddl else ()
+            return by_placement(plan, topology, tables, plan.leading).route(values)
+        start, end, items = found
+        spread = [item for item, name in items if place(name, topology) != "local"]
+        other = text[:start] + ", ".join(spread) + text[end:]
+        default = topology.default_shard
+        split = tuple((s, text if s == default else other) for s in topology.all_shards)
+        return Route(
+            topology.all_shards,
+            plan.kind,
+            True,
+            all_shards=True,
+            split=split,
+            broadcast_kind=Broadcast.SAME,
+            reason=f"{plan.leading} of tables of different homes: split per shard",
+        )
+
+
+class _LearnAggregate(Program):
+    """CREATE AGGREGATE (or ALTER AGGREGATE ... RENAME TO): from the next statement on, a read over
+    several shards that calls it is refused rather than answered with one row per shard."""
+
+    __slots__ = ("_name", "_route", "_topology")
+
+    def __init__(self, name: str, topology: Topology, route: Route) -> None:
+        self._name, self._topology, self._route = name, topology, route
+
+    def route(self, values: Any, sql: str | bytes | None = None) -> Route:
+        self._topology.learn_aggregate(self._name)
+        return self._route
 
 
 class _AutoShard(Program):

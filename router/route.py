@@ -35,6 +35,10 @@ class Route:
     omnisharded_read: bool = False  # reads only omnisharded tables: any one shard would do
     merge: MergeFlags | None = None  # a read on several shards: what the merger must do
     statements: tuple[Route, ...] | None = None  # a multi-statement query: one route per statement
+    parts: tuple[tuple[int, str], ...] | None = None
+    """A UNION ALL whose parts run on different shards (a part of the default shard, of an
+    omnisharded table, a constant): (shard, the parts it runs, joined by UNION ALL), answered by
+    `proxy.union_read`. Simple protocol only."""
 
     @property
     def single(self) -> int | None:

@@ -42,10 +42,13 @@ _SESSION_KINDS = (StatementKind.TRANSACTION, StatementKind.SET)
 
 
 class _Entry:
-    __slots__ = ("plan", "program", "version")
+    __slots__ = ("aggregates", "plan", "program", "version")
 
-    def __init__(self, plan: StatementPlan, program: Program, version: int) -> None:
+    def __init__(
+        self, plan: StatementPlan, program: Program, version: int, aggregates: frozenset[str] | None
+    ) -> None:
         self.plan, self.program, self.version = plan, program, version
+        self.aggregates = aggregates  # the user-defined aggregates the plan was analysed with
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class PreparedRoute:
     program: Program
     version: int
     param_types: tuple[int, ...] = ()
+    aggregates: frozenset[str] | None = frozenset()
 
 
 class Router:
@@ -96,16 +100,20 @@ class Router:
             self.hits += 1
             cache.move_to_end(fp.key)
             if entry.version != self.topology.version:
-                entry.program = compile_plan(entry.plan, self.topology)
-                entry.version = self.topology.version
+                if entry.aggregates is not self.topology.user_aggregates:  # the catalog changed
+                    entry = self._analyse(sql, fp.key, len(fp.literals))
+                else:
+                    entry.program = compile_plan(entry.plan, self.topology)
+                    entry.version = self.topology.version
         values = Values(fp.literals)
         if fp.hints:
             return self._hinted(entry.plan, tuple(fp.hints), entry.program, values, sql)
         return entry.program.route(values, sql)
 
     def _analyse(self, sql: bytes, key: bytes, literal_count: int) -> _Entry:
-        plan = analyse(sql.decode("utf-8", "surrogateescape"))
-        entry = _Entry(plan, compile_plan(plan, self.topology), self.topology.version)
+        aggregates = self.topology.user_aggregates
+        plan = analyse(sql.decode("utf-8", "surrogateescape"), aggregates)
+        entry = _Entry(plan, compile_plan(plan, self.topology), self.topology.version, aggregates)
         if plan.cacheable and plan.literal_count == literal_count and len(key) <= MAX_CACHED_STATEMENT:
             cache = self._cache
             cache[key] = entry
@@ -166,12 +174,20 @@ class Router:
         fp = fingerprint(raw)
         entry = self._cache.get(fp.key)
         types = tuple(param_types)
-        if entry is not None and entry.plan.literal_count == len(fp.literals) and entry.plan.cacheable:
+        aggregates = self.topology.user_aggregates
+        if (
+            entry is not None
+            and entry.plan.literal_count == len(fp.literals)
+            and entry.plan.cacheable
+            and entry.aggregates is aggregates
+        ):
             plan = entry.plan
         else:
-            plan = analyse(sql)
-        program = compile_plan(plan, self.topology, types)
-        return PreparedRoute(sql, plan, fp.literals, tuple(fp.hints), program, self.topology.version, types)
+            plan = analyse(sql, aggregates)
+        program = compile_plan(plan, self.topology, types, extended=True)
+        return PreparedRoute(
+            sql, plan, fp.literals, tuple(fp.hints), program, self.topology.version, types, aggregates
+        )
 
     def route_bind(
         self, prepared: PreparedRoute, params: Sequence[bytes | None], formats: Sequence[int] = ()
@@ -185,7 +201,11 @@ class Router:
                 f"bind message has {len(formats)} parameter formats but {len(params)} parameters",
             )
         if prepared.version != self.topology.version:
-            prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types)
+            aggregates = self.topology.user_aggregates
+            if prepared.aggregates is not aggregates:  # the catalog changed since the Parse
+                prepared.plan = analyse(prepared.sql, aggregates)
+                prepared.aggregates = aggregates
+            prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types, extended=True)
             prepared.version = self.topology.version
         values = Values(prepared.literals, params, formats)
         if prepared.hints:
@@ -252,7 +272,9 @@ class Router:
         """The (cached) plan of one statement, for EXPLAIN-like views and tests."""
         fp = fingerprint(sql)
         entry = self._cache.get(fp.key)
-        return entry.plan if entry is not None else analyse(sql.decode("utf-8", "surrogateescape"))
+        if entry is not None and entry.aggregates is self.topology.user_aggregates:
+            return entry.plan
+        return analyse(sql.decode("utf-8", "surrogateescape"), self.topology.user_aggregates)
 
     def clear(self) -> None:
         self._cache.clear()

@@ -4,7 +4,18 @@ A table is sharded (by a configured function, or automatically by the database's
 column), omnisharded (a full copy on every shard), or unconfigured (it lives on the default shard
 only, DESIGN.md "Placement"). Sharding functions are built here once, not per query.
 `version` changes whenever the placement of a table changes (a table found to carry the
-shard_key column), so route programs compiled against an older topology are recompiled.
+shard_key column) or the set of user-defined aggregates does, so route programs compiled against an
+older topology are recompiled (and statements re-analysed, when the aggregates changed).
+
+User-defined aggregates (`user_aggregates`) are read from the default shard's catalog by the
+janitor (`proxy.janitor.refresh_catalogs`) at start-up and every `general.catalog_refresh_interval`
+seconds, and learned at once from CREATE AGGREGATE passing through pgshard. A read over several
+shards calling one is refused: pgshard cannot combine partial states of an aggregate it does not
+know. Until the catalog has been read once (the default shard was unreachable at start-up) the set
+is None and every function sqlglot does not know counts as an aggregate: some reads are refused
+that would have been fine, none is answered wrongly. Until the next read, an aggregate made behind
+pgshard's back (or through another worker process) is not known: that window is
+`catalog_refresh_interval`.
 """
 
 from __future__ import annotations
@@ -73,6 +84,8 @@ class Topology:
         self._auto: dict[str, TableSharding] = {}
         self._shard_key_function: ShardingFunction | None = None
         self.version = 0
+        self.user_aggregates: frozenset[str] | None = frozenset()  # lower case; None: not known yet
+        self._learned_aggregates: set[str] = set()
 
     @classmethod
     def from_database(cls, db: Database | Any) -> Topology:
@@ -150,6 +163,28 @@ class Topology:
     @property
     def auto_sharded(self) -> frozenset[str]:
         return frozenset(self._auto)
+
+    def set_user_aggregates(self, names: Iterable[str] | None) -> bool:
+        """The catalog's user-defined aggregates (None: it could not be read). Names learned from DDL
+        stay: the catalog read may predate a CREATE AGGREGATE not yet committed, and a stale name can
+        only cost a refusal. Returns whether the set changed."""
+        found = None if names is None else frozenset(n.lower() for n in names) | self._learned_aggregates
+        if found == self.user_aggregates:
+            return False
+        self.user_aggregates = found
+        self.version += 1
+        return True
+
+    def learn_aggregate(self, name: str) -> bool:
+        """A CREATE AGGREGATE (or a RENAME TO) passing through pgshard: known from the next statement on."""
+        name = name.lower()
+        self._learned_aggregates.add(name)
+        known = self.user_aggregates
+        if known is None or name in known:
+            return False
+        self.user_aggregates = known | {name}
+        self.version += 1
+        return True
 
 
 def sharding(

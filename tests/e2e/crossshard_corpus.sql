@@ -190,12 +190,40 @@ SELECT DISTINCT ON (flag) flag, qty FROM orders ORDER BY flag, qty DESC NULLS LA
 SELECT DISTINCT amount FROM orders WHERE amount < 0 ORDER BY amount
 SELECT DISTINCT exact FROM orders WHERE exact BETWEEN 1 AND 2 ORDER BY exact
 
--- UNION / UNION ALL (the router refuses set operations over two sharded tables for now)
+-- UNION / UNION ALL: each part routes on its own; parts of sharded rows run together and merge
 SELECT code FROM orders UNION SELECT code FROM countries ORDER BY 1
 SELECT status FROM orders UNION SELECT name FROM countries ORDER BY 1 DESC NULLS LAST LIMIT 5
 SELECT status FROM orders UNION SELECT name FROM countries -- multiset
+SELECT id, amount FROM orders WHERE customer_id = 5 UNION ALL SELECT id, amount FROM orders WHERE customer_id = 7 -- multiset
+SELECT id, amount FROM orders WHERE customer_id = 5 UNION ALL SELECT id, amount FROM orders WHERE customer_id = 5 -- multiset
+SELECT id FROM orders WHERE customer_id = 5 UNION ALL SELECT id FROM orders WHERE customer_id = 7 ORDER BY id DESC LIMIT 4
+SELECT id, customer_id FROM orders WHERE customer_id IN (1, 2) UNION ALL SELECT id, id FROM customers WHERE id = 3 ORDER BY 1, 2
+SELECT id, status FROM orders WHERE qty = 1 UNION ALL SELECT id, name FROM customers WHERE score > 990 -- multiset
+SELECT status FROM orders WHERE qty < 3 UNION ALL SELECT name FROM customers WHERE vip ORDER BY 1 NULLS FIRST LIMIT 30
+SELECT qty FROM orders UNION SELECT score FROM customers ORDER BY 1 NULLS FIRST
+SELECT customer_id FROM orders WHERE customer_id = 9 UNION SELECT id FROM customers WHERE id = 10 -- multiset
+SELECT id, amount FROM orders UNION ALL SELECT id, score FROM customers -- multiset
+SELECT code FROM countries UNION ALL SELECT status FROM orders WHERE customer_id = 4 -- multiset
+SELECT count(*) FROM (SELECT id FROM orders WHERE customer_id = 3 UNION ALL SELECT id FROM orders WHERE customer_id = 3) s
+(SELECT id FROM orders WHERE customer_id = 5 ORDER BY id LIMIT 2) UNION ALL (SELECT id FROM orders WHERE customer_id = 8 ORDER BY id DESC LIMIT 2) -- multiset
+SELECT customer_id, count(*) FROM orders WHERE customer_id IN (5, 8) GROUP BY customer_id UNION ALL SELECT id, score FROM customers WHERE id = 8 -- multiset
 SELECT status FROM orders WHERE qty < 3 UNION ALL SELECT code FROM countries ORDER BY 1 -- expect 0A000
 SELECT id::text FROM orders WHERE qty = 1 UNION ALL SELECT code FROM countries ORDER BY 1 LIMIT 20 OFFSET 3 -- expect 0A000
+SELECT status FROM orders UNION ALL SELECT name FROM countries LIMIT 3 -- expect 0A000
+SELECT id FROM orders UNION ALL SELECT id FROM customers WHERE EXISTS (SELECT 1 FROM orders WHERE qty = 3) -- expect 0A000
+SELECT count(*) FROM orders UNION ALL SELECT count(*) FROM customers -- expect 0A000
+
+-- a user-defined aggregate (CREATE AGGREGATE through pgshard): one shard, or refused
+SELECT corpus_sum(qty), count(*) FROM orders WHERE customer_id = 17
+SELECT corpus_sum(qty) FROM orders -- expect 0A000
+SELECT status, corpus_sum(qty) FROM orders GROUP BY status ORDER BY status -- expect 0A000
+SELECT id, (SELECT corpus_sum(qty) FROM orders i WHERE i.customer_id = c.id) FROM customers c ORDER BY id LIMIT 20
+
+-- rows that do not each come from a sharded row would repeat or go missing over several shards
+SELECT c.code FROM countries c LEFT JOIN orders o ON o.code = c.code -- expect 0A000
+SELECT count(*) FROM countries WHERE code IN (SELECT status FROM orders) -- expect 0A000
+SELECT 1 AS one WHERE EXISTS (SELECT 1 FROM orders WHERE qty = 3) -- expect 0A000
+SELECT c.code, count(o.id) FROM countries c LEFT JOIN orders o ON o.customer_id = 5 AND o.status = c.code GROUP BY c.code ORDER BY 1
 
 -- more shapes: derived tables, CTEs, EXISTS on the key, constants, quoted aliases, NULL-only results
 SELECT count(*) FROM orders WHERE false

@@ -353,7 +353,18 @@ def test_ddl(router: Router) -> None:
     assert shards(router, "ALTER TABLE countries ADD COLUMN x int") == ALL
     assert shards(router, "TRUNCATE orders, items") == ALL
     assert shards(router, "DROP TABLE notes") == (0,)
-    assert error(router, "DROP TABLE orders, notes")[0] == "0A000"
+    # Tables of different homes: IF EXISTS runs as written everywhere; otherwise each shard gets the
+    # statement naming only the tables it holds (pgbench -i's DROP and TRUNCATE).
+    drop = route(router, "drop table if exists pgbench_accounts, pgbench_branches")
+    assert drop.shards == ALL and drop.split is None and drop.broadcast_kind is Broadcast.SAME
+    sql = "truncate table pgbench_accounts, pgbench_branches, pgbench_history RESTART IDENTITY"
+    assert route(router, sql).split == (
+        (0, sql),
+        *((s, "truncate table pgbench_accounts RESTART IDENTITY") for s in (1, 2, 3)),
+    )
+    split = route(router, 'TRUNCATE notes, ONLY "orders", "Items" CASCADE').split  # "Items" is not items
+    assert split is not None and split[1] == (1, 'TRUNCATE ONLY "orders" CASCADE')
+    assert error(router, "DROP TABLE /* c */ orders, notes")[0] == "0A000"
     assert shards(router, "CREATE FUNCTION f() RETURNS int AS $$ SELECT 1 $$ LANGUAGE sql") == ALL
     assert shards(router, "CREATE EXTENSION IF NOT EXISTS pgcrypto") == ALL
     assert shards(router, "CREATE TEMP TABLE scratch (a int)") == (0,)
