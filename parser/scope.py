@@ -376,7 +376,7 @@ def _aggregates_and_windows(
         if isinstance(n, exp.AggFunc):
             aggregates = True
         elif isinstance(n, exp.Anonymous):
-            name = str(n.this).lower()
+            name = n.name.lower()  # a quoted name too: lower-casing only adds refusals
             if name in POSTGRES_AGGREGATES_SQLGLOT_MISSES:
                 aggregates = True
             elif known is None or name in known:

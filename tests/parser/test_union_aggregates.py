@@ -19,6 +19,11 @@ def test_catalog_aggregates_are_aggregates() -> None:
     assert analyse("SELECT MyAgg(qty) FROM orders", frozenset({"myagg"})).user_aggregates == ("myagg",)
 
 
+@pytest.mark.parametrize("call", ['"myagg"(qty)', '"MyAgg"(qty)', "public.myagg(qty)", '"bit_xor"(qty)'])
+def test_quoted_and_qualified_aggregate_names_are_aggregates(call: str) -> None:
+    assert analyse(f"SELECT {call} FROM orders", frozenset({"myagg"})).merge.aggregates
+
+
 def test_without_the_catalog_an_unknown_function_is_a_scalar() -> None:
     plan = analyse("SELECT myagg(qty) FROM orders")
     assert not plan.merge.aggregates
