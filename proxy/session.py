@@ -660,6 +660,16 @@ class ClientSession(asyncio.Protocol):
 
     # server -> client -------------------------------------------------------------------------------
     def server_data(self, server: ServerConnection, data: bytes) -> None:
+        if not (
+            self.srv_carry
+            or self.srv_skip
+            or self.drop_groups
+            or self.silent_syncs
+            or self.parse_q
+            or self.close_q
+            or self.tracking_tags
+        ) and self._whole_replies(server, data):
+            return
         if self.srv_carry:
             data = self.srv_carry + data
             self.srv_carry = b""
@@ -747,6 +757,42 @@ class ClientSession(asyncio.Protocol):
         self._forward(kept, data, out_from, n)
         if drained:
             self.drained()
+
+    def _whole_replies(self, server: ServerConnection, data: bytes) -> bool:
+        """The common chunk, handled with a walk over headers only: whole messages, nothing of ours
+        to drop, at most one ReadyForQuery and only as the last message. False: use the full path.
+
+        The caller checked that nothing is pending that needs message bodies (drops, tags, carries).
+        """
+        n = len(data)
+        pos = 0
+        ready = -1
+        while n - pos >= 5:
+            msg_type = data[pos]
+            if msg_type in (_Z, _ERROR):
+                if msg_type == _ERROR or ready >= 0:
+                    return False  # the full path notes the failure / splits the replies
+                ready = pos
+            pos += 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+        if pos != n or (ready >= 0 and ready + 6 != n):
+            return False  # a message split across chunks, or something after the ReadyForQuery
+        transport = self.transport
+        if ready < 0:
+            if transport is not None and not transport.is_closing():
+                transport.write(data)
+            return True
+        self.done_syncs += 1
+        self.status = data[ready + 5]
+        self._on_ready(server)
+        drained = self.done_syncs == self.sent_syncs
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+        if drained:
+            if self.status == 0x49 and not self.unsynced and self.pinned is None and self.mode != "session":
+                self._release(server, b"")
+            else:
+                self.drained()
+        return True
 
     def _forward(self, kept: list[bytes] | None, data: bytes, out_from: int, upto: int) -> None:
         transport = self.transport
