@@ -5,14 +5,16 @@ open on several shards (where no server is linked to the client to relay it).
   their key read exactly as PostgreSQL reads them (`proxy.copy_split`); a HEADER line goes to every
   shard, so each shard skips (or, with MATCH, checks) its own copy of it. Rows are forwarded in
   batches of whole rows, so memory stays bounded by a batch per shard (and a slow shard's socket
-  buffer, which is waited on).
+  buffer, which is waited on). A text key sent in a client_encoding other than UTF8 is converted as
+  the shards will convert it before it is hashed (`proxy.pg_encoding`).
 - An omnisharded table: the client's bytes go to every shard unchanged; one count is reported.
 - One shard (inside a multi-shard block): the bytes are relayed unchanged.
 
 Outside a transaction block a COPY over several shards runs in a transaction on each and commits
 (two-phase when configured) only if every shard accepted its rows; inside a block it joins the
 block. A failure gives the client one ErrorResponse, as one server would, and leaves every shard
-connection out of COPY mode (and, outside a block, rolled back).
+connection out of COPY mode (and, outside a block, rolled back). As after PostgreSQL's error, the
+client's CopyData up to its CopyDone or CopyFail is then dropped, and its next Query is answered.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pooler.server_connection import ServerConnection, ServerError
 from proxy import multishard
 from proxy.copy_options import CopyOptions, CopyStatementError, parse_copy
 from proxy.copy_split import CopyDataError, Splitter, splitter_for
+from proxy.pg_encoding import ClientEncoding
 from proxy.protocol import backend, frontend
 from router.keys import binary_key
 from router.placement import NoShardForKey
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 _BATCH = 64 * 1024
 _SERVER_HIGH_WATER = 1 << 20  # bytes queued to a shard before the COPY waits for it
 _G, _E, _C, _Z, _N = (ord(c) for c in "GECZN")
-_d, _c, _f = (ord(c) for c in "dcf")
+_d, _c, _f, _H, _S = (ord(c) for c in "dcfHS")
 _IDLE, _IN_BLOCK, _FAILED = b"I", b"T", b"E"
 
 
@@ -69,20 +72,48 @@ async def _columns(server: ServerConnection, table: str) -> list[str]:
             f"{multishard.quote_literal(table)}::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
         )
     )
-    names: list[str] = []
+    return await _first_column(server)
+
+
+async def _first_column(server: ServerConnection) -> list[str]:
+    """The first column of every row answering the query just sent; raises its error."""
+    values: list[str] = []
     error: ServerError | None = None
     while True:
         msg_type, body = await server.read_message()
         if msg_type == ord("D"):
             value = backend.decode_data_row(body)[0]
-            names.append(bytes(value or b"").decode())
+            values.append(bytes(value or b"").decode())
         elif msg_type == _E:
             fields = backend.decode_error_fields(body)
             error = ServerError(fields.get("C", "XX000"), fields.get("M", ""), fields)
         elif msg_type == _Z:
             if error is not None:
                 raise error
-            return names
+            return values
+
+
+async def _client_encoding(servers: dict[int, ServerConnection]) -> ClientEncoding:
+    """The encoding the shards will read the client's data in: asked of the shards themselves, as it
+    follows SET, SET LOCAL, set_config, start-up options and database or role defaults alike."""
+    for server in servers.values():
+        server.write(frontend.query("SELECT pg_catalog.current_setting('client_encoding')"))
+    names: set[str] = set()
+    error: ServerError | None = None
+    for server in servers.values():  # every answer is read, so that each server is left ready
+        try:
+            names.update(await _first_column(server))
+        except ServerError as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+    if len(names) != 1:
+        raise CopyAborted(
+            "0A000",
+            "COPY over several shards with client_encoding differing between them "
+            f"({', '.join(sorted(names))}) is not supported",
+        )
+    return ClientEncoding(names.pop())
 
 
 async def run_copy_in(session: RoutedSession, message: bytes, plan: CopyPlan, shards: list[int]) -> None:
@@ -185,7 +216,16 @@ async def _splitter(
         raise CopyAborted(
             "0A000", f'COPY into sharded table "{plan.table}" must include its key "{sharding.column}"'
         )
-    return splitter_for(options, lowered.index(sharding.column.lower()), sharding.column)
+    to_utf8, ascii_only = None, None
+    text_key = sharding.family == "text"
+    # The data is in the client's encoding unless ENCODING says; it matters to text keys, and to
+    # cutting text and CSV rows when multibyte characters may hide ASCII bytes.
+    if options.encoding is None and (text_key or options.format != "binary"):
+        encoding = await _client_encoding(servers)
+        if not encoding.as_is:
+            to_utf8 = encoding.to_utf8() if text_key else None
+            ascii_only = encoding.name if encoding.embeds_ascii else None
+    return splitter_for(options, lowered.index(sharding.column.lower()), sharding.column, to_utf8, ascii_only)
 
 
 async def _start(servers: dict[int, ServerConnection], message: bytes) -> tuple[bytes | None, int, bytes]:
@@ -267,6 +307,7 @@ async def _copy(
     session.transport.write(response)
     targets = list(servers.values())
     route = _router(splitter, sharding, servers) if splitter is not None else None
+    done = False  # the client's CopyDone was read: an error found now leaves nothing of its to skip
     try:
         while True:
             msg_type, body = await session.read_copy_message(_BATCH)
@@ -279,6 +320,7 @@ async def _copy(
                         server.write(data)
                     await _wait_for(targets)
             elif msg_type == _c:
+                done = True
                 if route is not None:
                     await route(b"", True)
                 break
@@ -286,11 +328,15 @@ async def _copy(
                 reason = frontend.decode_copy_fail(body)
                 await _fail_servers(targets, reason)
                 raise CopyAborted("57014", f"COPY from stdin failed: {reason}")
-            # Flush and Sync are ignored during COPY IN (protocol 55.2.6).
+            elif msg_type not in (_H, _S):  # Flush and Sync are ignored during COPY IN (protocol 55.2.6)
+                # Any other message ends the COPY with an error, and is consumed, as in PostgreSQL.
+                unexpected = f"unexpected message type 0x{msg_type:02X} during COPY from stdin"
+                await _fail_servers(targets, unexpected)
+                raise CopyAborted("08P01", unexpected)
     except CopyDataError as exc:
         await _fail_servers(targets, exc.message)
         aborted = CopyAborted(exc.sqlstate, exc.message)
-        aborted.client_copying = True
+        aborted.client_copying = not done
         raise aborted from None
     except ConnectionResetError:
         await _fail_servers(targets, "the client went away")

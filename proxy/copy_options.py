@@ -11,7 +11,7 @@ rather than guessed; the statement itself is always sent to the shards unchanged
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 _TOKEN = re.compile(
     r"""
@@ -55,6 +55,7 @@ class CopyOptions:
     escape: bytes = b'"'
     force_null: tuple[str, ...] | bool = ()  # column names, or True for *
     force_not_null: tuple[str, ...] | bool = ()
+    encoding: str | None = None  # ENCODING (UTF8 only): the data's encoding, whatever client_encoding is
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +308,8 @@ def _options(values: dict[str, object]) -> CopyOptions:
         raise CopyStatementError(
             f"COPY with ENCODING {str(encoding)!r} over several shards is not supported (UTF8 only)"
         )
+    if encoding is not None:
+        out = replace(out, encoding="UTF8")
     if "freeze" in values:
         _boolean("freeze", values["freeze"])
     unknown = [name for name in values if name not in _PASSIVE]

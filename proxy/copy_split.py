@@ -6,14 +6,22 @@ is fed the client's bytes as they come and returns the rows completed so far, ea
 bytes (terminator included, to be forwarded untouched) and its key field's value. The end-of-copy
 marker `\\.` ends the data; whatever follows it is ignored, as PostgreSQL ignores it. Line-ending
 style is checked as PostgreSQL checks it, so a file mixing styles fails here, not on a shard.
+
+Data in a client encoding other than UTF8: PostgreSQL converts each line to the server's encoding
+before it cuts fields and undoes escapes, so a text key is converted here first too (`to_utf8`),
+and the escapes of the text format then give bytes of the server's encoding, as they do there.
+Cutting lines byte by byte is exact for every encoding whose multibyte characters hold no ASCII
+bytes; for the others (`ascii_only`) text and CSV data must be ASCII.
 """
 
 from __future__ import annotations
 
 import re
 import struct
+from collections.abc import Callable
 
 from proxy.copy_options import CopyOptions, applies_to
+from proxy.pg_encoding import EncodingError
 
 Row = tuple[bytes, bytes | None]  # (raw bytes to forward, key value; None for SQL NULL)
 _NL, _CR, _CRNL = "nl", "cr", "crnl"
@@ -34,7 +42,11 @@ class CopyDataError(Exception):
 
 
 class Splitter:
-    """Rows out of a COPY data stream; `header` (sent to every shard) once the first line is read."""
+    """Rows out of a COPY data stream; `header` (sent to every shard) once the first line is read.
+
+    `to_utf8` converts a key field from the data's encoding to the server's (text keys in a client
+    encoding other than UTF8); `ascii_only` names an encoding whose text and CSV data must be ASCII.
+    """
 
     def __init__(self, options: CopyOptions, key_index: int, key_column: str) -> None:
         self.options = options
@@ -44,6 +56,8 @@ class Splitter:
         self.footer = b""  # bytes every shard gets after its rows (the binary trailer)
         self.ended = False  # the end-of-copy marker was seen
         self._want_header = options.header
+        self._to_utf8: Callable[[bytes], bytes] | None = None
+        self._ascii_only: str | None = None
 
     def feed(self, data: bytes) -> list[Row]:
         raise NotImplementedError
@@ -54,6 +68,23 @@ class Splitter:
 
     def _missing(self) -> CopyDataError:
         return CopyDataError(f'missing data for column "{self.key_column}"')
+
+    def _convert(self, raw: bytes) -> bytes:
+        """A key field as the server will have it after converting the client's encoding."""
+        assert self._to_utf8 is not None
+        try:
+            return self._to_utf8(raw)
+        except EncodingError as exc:
+            raise CopyDataError(exc.message, exc.sqlstate) from None
+
+    def _check_ascii(self, data: bytes) -> None:
+        if self._ascii_only is not None and not data.isascii():
+            raise CopyDataError(
+                f"COPY data with non-ASCII characters in client encoding {self._ascii_only} over several "
+                "shards is not supported: its multibyte characters hide ASCII bytes, so rows cannot be cut "
+                "as PostgreSQL cuts them; use client_encoding UTF8 or FORMAT binary",
+                "0A000",
+            )
 
 
 class _LineSplitter(Splitter):
@@ -69,6 +100,7 @@ class _LineSplitter(Splitter):
     def feed(self, data: bytes) -> list[Row]:
         if self.ended:
             return []
+        self._check_ascii(data)
         self._buf = self._buf + data if self._buf else data
         return self._lines(final=False)
 
@@ -215,11 +247,13 @@ class TextSplitter(_LineSplitter):
             fields = content.split(delimiter, index + 1)
             if index >= len(fields):
                 raise self._missing()
-            raw = fields[index]
+            raw = fields[index] if self._to_utf8 is None else self._convert(fields[index])
             return None if raw == self.options.null else raw
         raw_field = _text_field(content, delimiter[0], index)
         if raw_field is None:
             raise self._missing()
+        if self._to_utf8 is not None:  # before the escapes, which give bytes of the server's encoding
+            raw_field = self._convert(raw_field)
         if raw_field == self.options.null:
             return None
         return _text_unescape(raw_field)
@@ -360,6 +394,8 @@ class CsvSplitter(_LineSplitter):
         if found is None:
             raise self._missing()
         value, quoted = found
+        if self._to_utf8 is not None:
+            value = self._convert(value)
         if not quoted and value == opts.null:
             return opts.null if self._force_not_null else None
         if quoted and self._force_null and value == opts.null:
@@ -476,6 +512,8 @@ class BinarySplitter(Splitter):
                 break
             if count <= key_index:
                 raise CopyDataError(f"row field count is {count}, expected more than {key_index}")
+            if key is not None and self._to_utf8 is not None:  # textrecv converts from client_encoding
+                key = self._convert(key)
             rows.append((buf[pos:i], key))
             pos = i
         self._buf = buf[pos:]
@@ -487,6 +525,15 @@ class BinarySplitter(Splitter):
         return []
 
 
-def splitter_for(options: CopyOptions, key_index: int, key_column: str) -> Splitter:
+def splitter_for(
+    options: CopyOptions,
+    key_index: int,
+    key_column: str,
+    to_utf8: Callable[[bytes], bytes] | None = None,
+    ascii_only: str | None = None,
+) -> Splitter:
     kind = {"text": TextSplitter, "csv": CsvSplitter, "binary": BinarySplitter}[options.format]
-    return kind(options, key_index, key_column)
+    splitter = kind(options, key_index, key_column)
+    splitter._to_utf8 = to_utf8
+    splitter._ascii_only = ascii_only if options.format != "binary" else None
+    return splitter

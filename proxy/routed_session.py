@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 _from_bytes = int.from_bytes
 _Q, _P, _B, _D, _E, _C, _H, _S, _X = b"QPBDECHSX"
 _EXTENDED = frozenset(b"PBDECHS")
+_COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
 _IDLE, _IN_BLOCK, _FAILED = 0x49, 0x54, 0x45
 
 # Transaction control and the tag PostgreSQL answers it with (CommandComplete).
@@ -156,6 +157,10 @@ class RoutedSession(ClientSession):
                 self.transport.close()
             self.blocked = True
             return True
+        if msg_type in _COPY_MESSAGES and self.server is None:
+            # No COPY is open (one relayed to a shard keeps its server linked to its end): stray
+            # CopyData/CopyDone/CopyFail after a failed COPY, which PostgreSQL ignores too.
+            return True
         # COPY data, CopyDone/CopyFail, FunctionCall: wherever the session is now.
         return self._to_shard(self.shard if self.server is not None else self.default_shard, [message])
 
@@ -230,10 +235,16 @@ class RoutedSession(ClientSession):
             await self._wait_for_client()
 
     async def skip_copy_data(self) -> None:
-        """A COPY FROM STDIN that pgshard ran failed while the client was still sending: drop its
-        CopyData up to its CopyDone or CopyFail, as PostgreSQL does, and stop at any other message
-        (a client that gave up on the COPY)."""
-        while not self.buf or self.buf[0] in (0x64, 0x63, 0x66):
+        """A COPY FROM STDIN (simple Query) that pgshard ran failed while the client was still sending:
+        drop its CopyData up to its CopyDone or CopyFail, as PostgreSQL drops them. Any other message
+        is left for dispatch, unread: after the error PostgreSQL takes the next Query as usual (a
+        client that stops copying on the ErrorResponse sends no CopyDone)."""
+        while True:
+            if not self.buf:
+                await self._wait_for_client()
+                continue
+            if self.buf[0] not in _COPY_MESSAGES:
+                return
             msg_type, _ = await self.read_copy_message()
             if msg_type != 0x64:
                 return

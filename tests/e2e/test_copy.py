@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import io
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncpg
 import psycopg
 import pytest
 
+from proxy.protocol import frontend
+from tests.conftest import APP_DB, APP_PASSWORD, APP_USER
+from tests.e2e.rawclient import RawClient, errors_in
 from tests.e2e.sharded import (  # noqa: F401
     ClusterFactory,
     Sharded,
@@ -52,6 +57,7 @@ NASTY = [
     ',",\n"',
 ]
 Row = tuple[int, str | None, int]
+T = TypeVar("T")
 
 
 def pg_csv(value: object, delimiter: str = ",", quote: str = '"') -> str:
@@ -278,4 +284,173 @@ def test_copy_inside_a_block_on_several_shards(sharded_cluster: ClusterFactory, 
     assert not any(cluster.has_table(i, "notes") for i in range(1, 4))
     cluster.psql_ok("TRUNCATE notes, items;\nDROP TABLE items, notes;\n")
     assert not any(cluster.has_table(i, t) for i in range(4) for t in ("items", "notes"))
+    assert open_transactions(cluster) == []
+
+
+def within(seconds: float, call: Callable[[], T]) -> T:
+    """`call()` in a thread: the test fails, instead of hanging, if the client gets no answer in time."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"no answer within {seconds:g}s: the client hangs")
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return cast(T, value)
+
+
+def test_copy_failing_at_its_end_leaves_the_client_usable(sharded_cluster: ClusterFactory) -> None:
+    """An error found only at the client's CopyDone (a last row without a newline, a binary stream
+    cut short): the client gets it, then its next query is answered (nothing else is skipped)."""
+    cluster = sharded_cluster(shards=2, sharded_tables=[ITEMS])
+    cluster.psql_ok(SCHEMA)
+    header = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+    for sql, data, sqlstate in [
+        ("COPY items (id, v, n) FROM STDIN (FORMAT csv)", b"1,a,1\n2,b,2\n,c,3", "23502"),
+        ("COPY items (id, v, n) FROM STDIN", b"1\ta\t1\n2\tb\t2\n\\N\tc\t3", "23502"),
+        ("COPY items (id, v, n) FROM STDIN (FORMAT csv)", b"1,a,1\n2,b,2\nx,c,3", "22P02"),
+        ("COPY items (id, v, n) FROM STDIN (FORMAT binary)", header + b"\x00\x03\x00\x00", "22P04"),
+    ]:
+        with cluster.connect() as conn:
+
+            def copy_then_query(sql: str = sql, data: bytes = data) -> tuple[str | None, Any]:
+                state = None
+                try:
+                    with conn.cursor().copy(sql) as copy:
+                        copy.write(data)
+                except psycopg.Error as exc:
+                    state = exc.sqlstate
+                return state, conn.execute("SELECT 'after', count(*) FROM items").fetchone()
+
+            assert within(15, copy_then_query) == (sqlstate, ("after", 0)), sql
+    assert open_transactions(cluster) == []
+
+
+def test_copy_error_mid_copy_then_a_query_without_copy_done(sharded_cluster: ClusterFactory) -> None:
+    """After an error during COPY IN the client may go straight on to its next Query (it is answered,
+    never taken for COPY data); CopyData, CopyDone and CopyFail arriving later are dropped, as
+    PostgreSQL drops them. A Query in the middle of a COPY fails it (08P01), as in PostgreSQL."""
+    cluster = sharded_cluster(shards=2, sharded_tables=[ITEMS])
+    cluster.psql_ok(SCHEMA)
+    proxy = cluster.proxy
+
+    async def scenario() -> None:
+        client = await RawClient.login(proxy.host, proxy.port, APP_USER, APP_PASSWORD, APP_DB)
+        try:
+            copy_sql = "COPY items (id, v, n) FROM STDIN (FORMAT csv)"
+            # A NULL key mid-stream: the error comes while the client is still copying.
+            client.send(frontend.query(copy_sql))
+            assert (await client.read_message())[0] == ord("G")
+            client.send(frontend.copy_data(b"1,a,1\n,b,2\n"))
+            reply = await client.read_until_ready()
+            assert [f["C"] for f in errors_in(reply)] == ["23502"]
+            assert await client.scalar("SELECT 'after'") == "after"
+            # Stray copy messages after the COPY ended are ignored, then the next Query is answered.
+            client.send(frontend.copy_data(b"3,c,3\n") + frontend.COPY_DONE + frontend.copy_fail("late"))
+            assert await client.scalar("SELECT count(*) FROM items") == "0"
+            # A Query while the COPY is still open: 08P01, the rows so far are not kept.
+            client.send(frontend.query(copy_sql))
+            assert (await client.read_message())[0] == ord("G")
+            client.send(frontend.copy_data(b"4,d,4\n5,e,5\n") + frontend.query("SELECT 'lost'"))
+            reply = await client.read_until_ready()
+            assert [f["C"] for f in errors_in(reply)] == ["08P01"]
+            assert not [m for m in reply if m[0] == ord("D")]
+            assert await client.scalar("SELECT count(*) FROM items") == "0"
+            # And a good COPY still works on the same connection.
+            client.send(frontend.query(copy_sql))
+            assert (await client.read_message())[0] == ord("G")
+            client.send(frontend.copy_data(b"6,f,6\n7,g,7") + frontend.COPY_DONE)
+            reply = await client.read_until_ready()
+            assert not errors_in(reply)
+            assert await client.scalar("SELECT count(*) FROM items") == "2"
+        finally:
+            await client.terminate()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert open_transactions(cluster) == []
+
+
+LATIN1_KEYS = ["é", "café", "Ã©", "naïve", "ÿ", "Ñandú", "plain", "a\tb", "ß" * 30]
+LATIN1_KEYS += [f"k{i}é" for i in range(40)]
+
+
+def test_copy_text_keys_in_another_client_encoding(sharded_cluster: ClusterFactory) -> None:
+    """Text keys sent in the client's encoding are placed by the text PostgreSQL stores (converted to
+    UTF8), in text, CSV and binary; an encoding pgshard cannot convert exactly refuses non-ASCII keys
+    (0A000), and one whose multibyte characters embed ASCII bytes refuses non-ASCII text and CSV."""
+    cluster = sharded_cluster(shards=4, sharded_tables=[ITEMS, TITEMS])
+    cluster.psql_ok(SCHEMA)
+
+    def stored_keys() -> list[str]:
+        return sorted(r[0] for r in every_row(cluster, "SELECT k FROM titems"))
+
+    def load(encoding: str, sql: str, data: bytes | list[tuple[str, int]]) -> int:
+        with cluster.connect() as conn, conn.cursor() as cur:
+            cur.execute("TRUNCATE titems")
+            cur.execute(f"SET client_encoding = '{encoding}'")
+            with cur.copy(sql) as copy:
+                if isinstance(data, bytes):
+                    copy.write(data)
+                else:
+                    copy.set_types(["text", "int4"])
+                    for row in data:
+                        copy.write_row(row)
+            return cur.rowcount
+
+    def escaped(key: str) -> str:
+        return key.replace("\\", "\\\\").replace("\t", "\\t")
+
+    text = "".join(f"{escaped(k)}\t{i}\n" for i, k in enumerate(LATIN1_KEYS)).encode("latin-1")
+    csv = "".join(f"{pg_csv(k)},{i}\n" for i, k in enumerate(LATIN1_KEYS)).encode("latin-1")
+    rows = [(k, i) for i, k in enumerate(LATIN1_KEYS)]
+    for sql, data in [
+        ("COPY titems (k, n) FROM STDIN", text),
+        ("COPY titems (k, n) FROM STDIN (FORMAT csv)", csv),
+        ("COPY titems (k, n) FROM STDIN (FORMAT binary)", rows),
+    ]:
+        assert load("LATIN1", sql, data) == len(LATIN1_KEYS), sql
+        assert stored_keys() == sorted(LATIN1_KEYS), sql
+        for i in range(cluster.n):
+            assert misplaced(cluster, i, "titems", "k", "text") == 0, (sql, i)
+    win1252 = ["€uro", "‰", "Œuvre", "“quoted”"]
+    data = "".join(f"{k}\t1\n" for k in win1252).encode("cp1252")
+    assert load("WIN1252", "COPY titems (k, n) FROM STDIN", data) == len(win1252)
+    assert stored_keys() == sorted(win1252)
+    assert all(misplaced(cluster, i, "titems", "k", "text") == 0 for i in range(cluster.n))
+
+    with cluster.connect() as conn:
+        for encoding, sql, data, sqlstate, match in [
+            ("EUC_JP", "COPY titems FROM STDIN", "日本\t1\n".encode("euc_jp"), "0A000", "EUC_JP"),
+            ("SJIS", "COPY items FROM STDIN", "1\t日本\t1\n".encode("cp932"), "0A000", "SJIS"),
+            ("WIN1252", "COPY titems FROM STDIN", b"ok\t1\n\x81\t2\n", "22P05", "WIN1252"),
+        ]:
+            conn.execute(f"SET client_encoding = '{encoding}'")
+            copying = conn.cursor().copy(sql)
+            with pytest.raises(psycopg.Error) as info, copying as copy:
+                copy.write(data)
+            assert (info.value.sqlstate, match in str(info.value)) == (sqlstate, True), (encoding, info.value)
+        # ASCII is the same text in every encoding: such keys and rows are taken as they are.
+        conn.execute("SET client_encoding = 'EUC_JP'")
+        with conn.cursor().copy("COPY titems FROM STDIN") as copy:
+            copy.write(b"ascii key\t1\n")
+        conn.execute("SET client_encoding = 'SJIS'")
+        with conn.cursor().copy("COPY items (id, v) FROM STDIN") as copy:
+            copy.write(b"1\tascii\n2\tonly\n")
+        # COPY ... (ENCODING 'UTF8') says the data is UTF8 whatever the client encoding.
+        conn.execute("SET client_encoding = 'LATIN1'")
+        with conn.cursor().copy("COPY titems FROM STDIN (ENCODING 'UTF8')") as copy:
+            copy.write("日本\t2\n".encode())
+    assert "ascii key" in stored_keys() and "日本" in stored_keys()
+    assert all(misplaced(cluster, i, "titems", "k", "text") == 0 for i in range(cluster.n))
+    assert sorted(every_row(cluster, "SELECT id, v FROM items")) == [(1, "ascii"), (2, "only")]
+    assert all(misplaced(cluster, i, "items", "id", "bigint") == 0 for i in range(cluster.n))
     assert open_transactions(cluster) == []

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from proxy.copy_options import CopyStatementError, parse_copy
 from proxy.copy_split import CopyDataError, Splitter, csv_field, splitter_for
+from proxy.pg_encoding import ClientEncoding, EncodingError
 
 Value = str | None
 _ALPHABET = st.sampled_from([*"ab,;\"'\\.\t\n\r| é日", "\\."])
@@ -210,3 +211,54 @@ def test_copy_statements() -> None:
         with pytest.raises(CopyStatementError) as info:
             parse_copy(bad)
         assert info.value.sqlstate == state, bad
+
+
+def test_keys_in_another_client_encoding() -> None:
+    """A text key is converted to UTF-8 before the text format's escapes are undone, as PostgreSQL
+    converts each line first; the rows themselves are forwarded unchanged."""
+    latin1 = ClientEncoding("LATIN1").to_utf8()
+    data = "café\t1\nna\\\\ïve\t2\n\\N\t3\nplain\t4\n".encode("latin-1")
+    splitter = splitter_for(parse_copy("COPY t FROM STDIN").options, 0, "k", latin1)
+    rows = _split(splitter, data, [3, 9])
+    assert b"".join(raw for raw, _ in rows) == data
+    assert [k for _, k in rows] == ["café".encode(), "na\\ïve".encode(), None, b"plain"]
+    # Escapes give bytes of the server's encoding (UTF-8 here), not of the client's.
+    splitter = splitter_for(parse_copy("COPY t FROM STDIN").options, 0, "k", latin1)
+    assert [k for _, k in splitter.feed(b"\\303\\251\xe9\t1\n")] == ["éé".encode()]
+    splitter = splitter_for(parse_copy("COPY t FROM STDIN CSV").options, 1, "k", latin1)
+    assert [k for _, k in splitter.feed(b'1,"\xe9,\xe9"\n2,\n')] == ["é,é".encode(), None]
+    binary = b"PGCOPY\n\xff\r\n\x00" + bytes(8) + b"\x00\x01\x00\x00\x00\x01\xe9\xff\xff"
+    splitter = splitter_for(parse_copy("COPY t FROM STDIN BINARY").options, 0, "k", latin1)
+    assert [k for _, k in splitter.feed(binary)] == ["é".encode()]
+    with pytest.raises(CopyDataError) as info:
+        splitter_for(
+            parse_copy("COPY t FROM STDIN").options, 0, "k", ClientEncoding("WIN1252").to_utf8()
+        ).feed(b"\x81\t1\n")
+    assert info.value.sqlstate == "22P05" and "WIN1252" in info.value.message
+    # Multibyte characters hiding ASCII bytes: text and CSV must be ASCII (binary is cut by lengths).
+    options = parse_copy("COPY t FROM STDIN").options
+    assert splitter_for(options, 0, "k", ascii_only="SJIS").feed(b"a\t1\n") == [(b"a\t1\n", b"a")]
+    with pytest.raises(CopyDataError) as info:
+        splitter_for(options, 1, "k", ascii_only="SJIS").feed("1\tソ\n".encode("cp932"))
+    assert info.value.sqlstate == "0A000" and "SJIS" in info.value.message
+    assert splitter_for(parse_copy("COPY t FROM STDIN BINARY").options, 0, "k", ascii_only="SJIS").feed(
+        binary
+    )
+
+
+def test_client_encodings() -> None:
+    assert ClientEncoding("UTF8").as_is and ClientEncoding("SQL_ASCII").as_is
+    assert not ClientEncoding("LATIN1").embeds_ascii and not ClientEncoding("EUC_JP").embeds_ascii
+    assert ClientEncoding("SJIS").embeds_ascii and ClientEncoding("SOMETHING_NEW").embeds_ascii
+    assert ClientEncoding("KOI8R").to_utf8()("ключ".encode("koi8_r")) == "ключ".encode()
+    assert ClientEncoding("GB18030").to_utf8()("键𠀀".encode("gb18030")) == "键𠀀".encode()
+    euc_jp = ClientEncoding("EUC_JP").to_utf8()
+    assert euc_jp(b"ascii") == b"ascii"
+    with pytest.raises(EncodingError) as info:
+        euc_jp(b"\xa1\xc1")  # PostgreSQL reads U+FF5E, Python's codec U+301C
+    assert info.value.sqlstate == "0A000" and "EUC_JP" in info.value.message
+    with pytest.raises(EncodingError) as info:
+        ClientEncoding("EUC_KR").to_utf8()(b"\xa1")
+    assert info.value.sqlstate == "22021"
+    assert parse_copy("COPY t FROM STDIN (ENCODING 'utf-8')").options.encoding == "UTF8"
+    assert parse_copy("COPY t FROM STDIN").options.encoding is None
