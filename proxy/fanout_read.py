@@ -6,8 +6,11 @@ One statement, on server connections taken in shard order; the lowest shard is t
 1. every other shard starts the partial query (`parser.fanout`) at once; the lead first answers a
    Parse + Describe of the client's own statement (the RowDescription the client will see, and the
    server's own error for a statement it rejects) and of the partial query;
-2. the lead then runs a probe (each partial column's collation, DateStyle, client_encoding, the
-   database's collation) and, when a type is new to this process, pg_catalog.format_type;
+2. the lead then runs, when a type is new to this process, pg_catalog.format_type, and a probe (each
+   partial column's collation, DateStyle, client_encoding, the database's collation) when the merge
+   depends on one of them: a collatable column, or a date/time sort key in text. Then its partial
+   query; from a statement's second run on, when its last run needed no probe, that goes with the
+   Describe, so a repeated ORDER BY ... LIMIT costs the shards' round trip and nothing more;
 3. ordered rows without DISTINCT whose keys Python can compare exactly (`router.merge.column_key`)
    are merged as streams, with OFFSET/LIMIT applied, memory bounded by shards x the read buffer;
 4. otherwise the partial rows (bounded: MAX_PARTIAL_ROWS, MAX_PARTIAL_BYTES) go to the lead in a
@@ -81,6 +84,7 @@ _PARSED, _BOUND, _PARAMS, _NO_DATA = (ord(c) for c in "12tn")
 _DESCRIBE_STATEMENT, _DESCRIBE_PORTAL = frontend.describe(b"S"), frontend.describe(b"P")
 _EXECUTE = frontend.execute()
 _CLOSE_PORTAL = frontend.close(b"P")  # in a block, a later Execute of the client's portal must not find ours
+_DATE_TYPES = frozenset({1082, 1114, 1184})  # date, timestamp, timestamptz: their text form is DateStyle's
 _INT_TYPES = frozenset({20, 21, 23})  # int8, int2, int4: what LIMIT $n / OFFSET $n are read as
 _COUNT = re.compile(rb"\s*\+?\d+\s*")
 _PARAM = re.compile(r"\$(\d+)")
@@ -96,6 +100,8 @@ _PLAIN_NAME = re.compile(r"[a-z_][a-z0-9_$]*")
 _TYPES: dict[tuple[int, int], tuple[str, bool, str]] = {}
 PLAN_CACHE_SIZE = 1024
 _PLANS: OrderedDict[tuple[bytes, int, int], FanoutPlan | Refusal] = OrderedDict()
+# Statements (keyed as _PLANS) whose last run needed no probe: a hint, checked on every run.
+_PROBE_FREE: OrderedDict[tuple[bytes, int, int], None] = OrderedDict()
 
 
 def is_fanout_read(route: Route) -> bool:
@@ -198,11 +204,20 @@ def _bound_read(
     session: RoutedSession, group: list[tuple[int, bytes, Route | None]]
 ) -> tuple[Route, Bound] | tuple[str, str]:
     """The group's fan-out read, or (SQLSTATE, message) if pgshard cannot answer it."""
-    items = [(t, m, r) for t, m, r in group if t not in (_S, _H)]
-    fanout = next(r for t, _, r in items if t == _B and r is not None and _fanout_bind(session, r))
+    fanout = next(r for t, _, r in group if t == _B and r is not None and _fanout_bind(session, r))
     what = (multishard.unsupported_reason(fanout) or "a read that needs a merge across shards").removesuffix(
         " in a query that reads several shards"
     )
+    return bound_statement(session, group, fanout, what)
+
+
+def bound_statement(
+    session: RoutedSession, group: list[tuple[int, bytes, Route | None]], fanout: Route, what: str
+) -> tuple[Route, Bound] | tuple[str, str]:
+    """The group's one statement whose Bind routed to `fanout`, in the shape [Parse] [Describe
+    statement] Bind [Describe portal] Execute, then Sync or Flush; else (SQLSTATE, message) naming
+    `what` (a read pgshard answers itself cannot share its Sync with other statements)."""
+    items = [(t, m, r) for t, m, r in group if t not in (_S, _H)]
     pipeline = (
         "0A000",
         f"{what} in a query that reads several shards, sent with other extended-protocol messages before "
@@ -320,6 +335,103 @@ def _literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+async def read_rows(stream: ShardStream) -> list[tuple[bytes | None, ...]]:
+    """All rows of one small query of ours, read to its ReadyForQuery."""
+    rows = []
+    while (body := await stream.next_row()) is not None:
+        rows.append(backend.decode_data_row(body))
+    await stream.until_ready()
+    if stream.error is not None:
+        raise ShardError(stream.shard, stream.error)
+    return rows
+
+
+def missing_types(pairs: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The (oid, typmod) pairs `read_types` must ask the catalog about (the rest are cached)."""
+    return [p for p in dict.fromkeys(pairs) if p not in _TYPES]
+
+
+def types_query(missing: Sequence[tuple[int, int]]) -> bytes:
+    """The query whose rows `read_types` reads."""
+    return _query(_types_sql(missing).encode())
+
+
+async def read_types(
+    stream: ShardStream, missing: Sequence[tuple[int, int]]
+) -> dict[tuple[int, int], tuple[str, bool, str]]:
+    """(format_type name, collatable, typtype) of the cached built-in types and of `missing`, whose
+    `types_query` was written to `stream` (nothing was, if none are missing). Built-in types are kept
+    for the life of the process: a run asks the catalog only about a type new to it."""
+    known = dict(_TYPES)
+    if missing:
+        for (oid, typmod), row in zip(missing, await read_rows(stream), strict=True):
+            entry = ((row[0] or b"").decode(), row[1] == b"t", (row[2] or b"").decode())
+            known[(oid, typmod)] = entry
+            if oid < 16384:  # FirstNormalObjectId: built-in types never change
+                _TYPES[(oid, typmod)] = entry
+    return known
+
+
+@dataclass(slots=True)
+class LeadBind:
+    """What the lead answered to the client's Parse, Describe and Bind (`bind_on_lead`)."""
+
+    parsed: bool  # the lead accepted the client's Parse
+    error: bytes | None = None  # the replies up to and with the error to send, if they failed
+    described: bytes = b""  # the RowDescription body of the client's statement (NoData: no columns)
+    prefix: bytes = b""  # the replies before the rows (ParseComplete ... BindComplete, RowDescription)
+    parse_prefix: bytes = b""  # those up to the Bind's (a refusal follows them)
+
+
+async def bind_on_lead(lead: ShardStream, sql: bytes, bound: Bound) -> LeadBind:
+    """The client's Parse, Describe and Bind, on the lead: every reply the client gets before its
+    rows, as one server words them, and the parameters' types (set in `bound.oids`)."""
+    lead.write(
+        _parse_describe(sql, bound.declared) + bound.bind(bound.result_formats) + _DESCRIBE_PORTAL
+        + frontend.SYNC
+    )  # fmt: skip
+    parsed = bound_ok = False
+    parameters: bytes | None = None
+    descriptions: list[bytes] = []
+    error: bytes | None = None
+    while True:
+        msg_type, body = await lead.message()
+        if msg_type == _PARSED:
+            parsed = True
+        elif msg_type == _PARAMS:
+            parameters = body
+        elif msg_type in (_T, _NO_DATA):
+            descriptions.append(frame(msg_type, body))
+        elif msg_type == _BOUND:
+            bound_ok = True
+        elif msg_type == _E and error is None:
+            error = frame(_E, body)
+        elif msg_type == _N:
+            lead.notices.append(body)
+        elif msg_type == _Z:
+            break
+    head = backend.PARSE_COMPLETE if bound.parse is not None and parsed else b""
+    if bound.describe_statement and parameters is not None and descriptions:
+        head += frame(_PARAMS, parameters) + descriptions[0]
+    if error is not None or parameters is None or len(descriptions) < 2 or not bound_ok:
+        return LeadBind(parsed, head + (error or backend.error_response("XX000", "unexpected reply to Bind")))
+    bound.oids = backend.decode_parameter_description(parameters)
+    first = descriptions[0]
+    described = first[5:] if first[0] == _T else b"\x00\x00"
+    prefix = head + backend.BIND_COMPLETE + (descriptions[1] if bound.describe_portal else b"")
+    return LeadBind(parsed, None, described, prefix, head)
+
+
+def bound_statement_sql(sql: bytes, bound: Bound, formats: Sequence[int] = ()) -> bytes:
+    """One query of pgshard's run with the client's parameters (Parse with their types, Bind with
+    their values as sent), answered with a RowDescription, then the rows in `formats`. The portal is
+    closed: in a block, a later Execute of the client's portal must not find ours."""
+    return (
+        frame(_P, b"\x00" + sql + b"\x00" + oid_array16(bound.oids)) + bound.bind(formats)
+        + _DESCRIBE_PORTAL + _EXECUTE + _CLOSE_PORTAL + frontend.SYNC
+    )  # fmt: skip
+
+
 class _FanoutRead:
     lead: ShardStream  # the lowest shard: Describe, probe and final query run there
 
@@ -397,10 +509,14 @@ class _FanoutRead:
                 return backend.error_response_from_fields(stream.error)
         return backend.error_response_from_fields(fallback)
 
+    def _plan_key(self) -> tuple[bytes, int, int]:
+        topology = self.session.router.topology if self.session.router is not None else None
+        return (self.sql, id(topology), topology.version if topology is not None else 0)
+
     async def _plan(self) -> FanoutPlan | Refusal:
         """The statement's plan; cached by its text while it calls no function sqlglot does not know."""
         topology = self.session.router.topology if self.session.router is not None else None
-        key = (self.sql, id(topology), topology.version if topology is not None else 0)
+        key = self._plan_key()
         plan = _PLANS.get(key)
         if plan is not None:
             _PLANS.move_to_end(key)
@@ -419,13 +535,7 @@ class _FanoutRead:
     def _statement(self, sql: bytes, formats: Sequence[int] = ()) -> bytes:
         """One query of pgshard's: a simple Query, or with the client's parameters (answered with a
         RowDescription, then the rows in `formats`)."""
-        bound = self.bound
-        if bound is None:
-            return _query(sql)
-        return (
-            frame(_P, b"\x00" + sql + b"\x00" + oid_array16(bound.oids)) + bound.bind(formats)
-            + _DESCRIBE_PORTAL + _EXECUTE + _CLOSE_PORTAL + frontend.SYNC
-        )  # fmt: skip
+        return _query(sql) if self.bound is None else bound_statement_sql(sql, self.bound, formats)
 
     async def _run(self) -> bool:
         bound = self.bound
@@ -448,10 +558,21 @@ class _FanoutRead:
             for stream in self.streams.values():
                 if stream is not self.lead:
                     stream.write(text_partial)
+        # The lead's partial query goes with its Describe when the last run of the statement needed no
+        # probe (checked below): then it starts as soon as the others, and its replies follow the
+        # descriptions without a round trip in between. If the hint is wrong (the columns changed),
+        # the lead's partial result is dropped and the query runs again there: so only statements
+        # that call no function sqlglot does not know (one that may have side effects) are hinted.
+        key = self._plan_key()
+        speculative = early and key in _PROBE_FREE
         if bound is None:
-            self.lead.write(_parse_describe(self.sql) + _parse_describe(partial_sql) + frontend.SYNC)
+            describe = _parse_describe(self.sql) + _parse_describe(partial_sql) + frontend.SYNC
         else:
-            self.lead.write(_parse_describe(partial_sql, bound.oids) + frontend.SYNC)
+            describe = _parse_describe(partial_sql, bound.oids) + frontend.SYNC
+        if speculative:
+            self.lead.write(describe + text_partial, 2)
+        else:
+            self.lead.write(describe)
         descriptions = await self._descriptions()
         if isinstance(descriptions, bytes):  # the other shards are about to fail the same way
             await self._settle(abandon=False)
@@ -471,18 +592,27 @@ class _FanoutRead:
         wanted = [(c.type_oid, -1) for c in columns]
         if plan.aggregate is not None:
             wanted += [(c.type_oid, c.type_modifier) for c in outputs]
-        missing = [w for w in dict.fromkeys(wanted) if w not in _TYPES]
-        if missing:
-            self.lead.write(_query(_types_sql(missing).encode()))
-        self.lead.write(
-            self._statement(probe_sql(plan.partial, len(columns)).encode("utf-8", "surrogateescape"))
-        )
-        if early:
-            self.lead.write(text_partial)
-        types = await self._types(missing)
-        probe = (await self._rows(self.lead))[0]
-        collations = [v.decode() if v is not None else None for v in probe[: len(columns)]]
+        missing = missing_types(wanted)
         formats = [0] * len(columns) if early else client_formats + [0] * plan.hidden
+        probing = bool(missing) or _needs_probe(plan, columns, formats)
+        if key in _PLANS:  # it calls no function sqlglot does not know (no nextval(), no user function)
+            _remember_probe(key, probing)
+        if speculative and probing:  # the columns changed since the last run: the lead runs it again
+            await self.lead.until_ready()
+            if self.lead.error is not None:  # the statement failed: that is the answer
+                raise ShardError(self.lead.shard, self.lead.error)
+            speculative = False
+        queries = [types_query(missing)] if missing else []
+        if probing:
+            probe_text = probe_sql(plan.partial, len(columns)).encode("utf-8", "surrogateescape")
+            queries.append(self._statement(probe_text))
+        if early and not speculative:
+            queries.append(text_partial)
+        if queries:
+            self.lead.write(b"".join(queries), len(queries))  # one write: each is a system call
+        types = await self._types(missing)
+        probe = (await self._rows(self.lead))[0] if probing else (None,) * (len(columns) + 4)
+        collations = [v.decode() if v is not None else None for v in probe[: len(columns)]]
         keys = _merge_keys(
             plan, columns, collations, [v.decode() if v else "" for v in probe[len(columns) :]], formats
         )
@@ -500,43 +630,13 @@ class _FanoutRead:
         return await self._final(plan, header, partial_types, output_types, collations, len(outputs))
 
     async def _bind(self, bound: Bound) -> bool:
-        """The client's Parse, Describe and Bind, on the lead: every reply the client gets before its
-        rows, as one server words them, and the parameters' types. True if they failed (the error is
-        queued for the client)."""
-        self.lead.write(
-            _parse_describe(self.sql, bound.declared) + bound.bind(bound.result_formats) + _DESCRIBE_PORTAL
-            + frontend.SYNC
-        )  # fmt: skip
-        parameters: bytes | None = None
-        descriptions: list[bytes] = []
-        bound_ok = False
-        error: bytes | None = None
-        while True:
-            msg_type, body = await self.lead.message()
-            if msg_type == _PARSED:
-                self.parsed = True
-            elif msg_type == _PARAMS:
-                parameters = body
-            elif msg_type in (_T, _NO_DATA):
-                descriptions.append(frame(msg_type, body))
-            elif msg_type == _BOUND:
-                bound_ok = True
-            elif msg_type == _E and error is None:
-                error = frame(_E, body)
-            elif msg_type == _N:
-                self.lead.notices.append(body)
-            elif msg_type == _Z:
-                break
-        head = backend.PARSE_COMPLETE if bound.parse is not None and self.parsed else b""
-        if bound.describe_statement and parameters is not None and descriptions:
-            head += frame(_PARAMS, parameters) + descriptions[0]
-        if error is not None or parameters is None or len(descriptions) < 2 or not bound_ok:
-            return self.fail(head + (error or backend.error_response("XX000", "unexpected reply to Bind")))
-        bound.oids = backend.decode_parameter_description(parameters)
-        first = descriptions[0]
-        self.described = first[5:] if first[0] == _T else b"\x00\x00"
-        self.prefix = head + backend.BIND_COMPLETE + (descriptions[1] if bound.describe_portal else b"")
-        self.parse_prefix = head
+        """The client's Parse, Describe and Bind, on the lead (`bind_on_lead`). True if they failed
+        (the error is queued for the client)."""
+        lead = await bind_on_lead(self.lead, self.sql, bound)
+        self.parsed = lead.parsed
+        if lead.error is not None:
+            return self.fail(lead.error)
+        self.described, self.prefix, self.parse_prefix = lead.described, lead.prefix, lead.parse_prefix
         return False
 
     async def _aggregate_names(self, unknown: list[str]) -> list[str]:
@@ -584,24 +684,10 @@ class _FanoutRead:
         return found
 
     async def _rows(self, stream: ShardStream) -> list[tuple[bytes | None, ...]]:
-        """All rows of one small query of ours, read to its ReadyForQuery."""
-        rows = []
-        while (body := await stream.next_row()) is not None:
-            rows.append(backend.decode_data_row(body))
-        await stream.until_ready()
-        if stream.error is not None:
-            raise ShardError(stream.shard, stream.error)
-        return rows
+        return await read_rows(stream)
 
     async def _types(self, missing: list[tuple[int, int]]) -> dict[tuple[int, int], tuple[str, bool, str]]:
-        known = dict(_TYPES)
-        if missing:
-            for (oid, typmod), row in zip(missing, await self._rows(self.lead), strict=True):
-                entry = ((row[0] or b"").decode(), row[1] == b"t", (row[2] or b"").decode())
-                known[(oid, typmod)] = entry
-                if oid < 16384:  # FirstNormalObjectId: built-in types never change
-                    _TYPES[(oid, typmod)] = entry
-        return known
+        return await read_types(self.lead, missing)
 
     # step 3: stream merge ---------------------------------------------------------------------------
     async def _stream(
@@ -610,21 +696,19 @@ class _FanoutRead:
         streams = list(self.streams.values())
         for stream in streams:
             msg_type, body = await stream.result_message()
-            if msg_type != _T or len(backend.decode_row_description(body)) != len(columns):
+            if msg_type != _T or int.from_bytes(body[:2], "big") != len(columns):
                 raise ShardError(stream.shard, {"S": "ERROR", "C": "XX000", "M": "unexpected partial result"})
         self.send(header)
         sent = skipped = 0
         cap = self.bound.max_rows if self.bound is not None else -1  # -1: no row limit
-        rows = merge_streams(streams, keys)
-        async for body in rows:
+        rows = merge_streams(streams, keys, whole=True)  # DataRow messages, passed on as they are
+        async for row in rows:
             if skipped < plan.offset:
                 skipped += 1
                 continue
             if plan.limit is not None and sent >= plan.limit:
                 break
-            if plan.hidden:
-                body = keep_columns(body, visible)
-            self.send(frame(_D, body))
+            self.send(frame(_D, keep_columns(row[5:], visible)) if plan.hidden else row)
             sent += 1
             if sent == cap:
                 break
@@ -695,6 +779,30 @@ def _completion(sent: int, cap: int) -> bytes:
     """CommandComplete; with an Execute row limit that was reached, PortalSuspended, as PostgreSQL
     answers it (it cannot know whether more rows would follow)."""
     return backend.PORTAL_SUSPENDED if sent == cap else backend.command_complete(f"SELECT {sent}")
+
+
+def _remember_probe(key: tuple[bytes, int, int], probing: bool) -> None:
+    if probing:
+        _PROBE_FREE.pop(key, None)
+    elif key not in _PROBE_FREE:
+        _PROBE_FREE[key] = None
+        if len(_PROBE_FREE) > PLAN_CACHE_SIZE:
+            _PROBE_FREE.popitem(last=False)
+
+
+def _needs_probe(plan: FanoutPlan, columns: Sequence[FieldDescription], formats: Sequence[int]) -> bool:
+    """Whether the merge depends on what only the probe tells (every column's type is cached): a
+    collatable column's collation (text keys, the final query's typed rows), or the DateStyle a date
+    or time key is written in. Without one, the probe's round trip and planning are saved."""
+    if any(_TYPES[(c.type_oid, -1)][1] for c in columns):
+        return True
+    if not plan.streamable:
+        return False
+    for key in plan.keys:
+        index = key.index(len(columns), plan.hidden)
+        if columns[index].type_oid in _DATE_TYPES and not formats[index]:
+            return True
+    return False
 
 
 def _merge_keys(

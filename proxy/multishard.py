@@ -453,7 +453,8 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
 
     Each Bind (with its Execute and portal Describe) goes to its shards; Parse, statement Describe
     and Close go to every shard involved. Replies are merged in the client's message order. A Bind
-    of a read that needs a merge is answered by `fanout_read.run_fanout_group`.
+    of a read that needs a merge is answered by `fanout_read.run_fanout_group`, one of a UNION ALL
+    run part by part (`Route.parts`) by `union_read.run_union_group`.
     """
     if session.server is not None and session.status != _IDLE[0] and session.distributed is None:
         # A block open on the linked shard grows to the others: nothing may run outside it.
@@ -461,6 +462,9 @@ async def run_group(session: RoutedSession, group: list[tuple[int, bytes, Route 
         return
     if fanout_read.binds_fanout_read(session, group):
         await fanout_read.run_fanout_group(session, group)
+        return
+    if union_read.binds_union_read(session, group):
+        await union_read.run_union_group(session, group)
         return
     dist = session.distributed
     flushed = bool(group) and group[-1][0] == _H  # the client asked for replies, not ReadyForQuery

@@ -51,10 +51,7 @@ from router.topology import TableSharding, Topology
 from router.union import Part, UnionProgram
 
 
-def compile_plan(
-    plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = (), extended: bool = False
-) -> Program:
-    """`extended`: the program routes Binds (a UNION ALL cannot be run part by part there)."""
+def compile_plan(plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = ()) -> Program:
     kind = plan.kind
     if kind in (StatementKind.TRANSACTION, StatementKind.SET):
         return Static(Route((), kind, reason="session"))
@@ -62,7 +59,7 @@ def compile_plan(
         return unparsed_program(plan, topology)
     if kind is StatementKind.DDL:
         program = ddl_program(plan, topology)
-        return program if program is not None else compile_query(plan, topology, param_types, extended)
+        return program if program is not None else compile_query(plan, topology, param_types)
     if kind is StatementKind.COPY and plan.copy is not None and plan.copy.table is not None:
         return copy_program(plan, topology)
     if kind is StatementKind.UTILITY and plan.leading not in ("DECLARE", "PREPARE"):
@@ -73,12 +70,10 @@ def compile_plan(
             plan.tables[plan.insert.table].name
         ):
             return compile_insert(plan, topology, shardings, param_types)
-    return compile_query(plan, topology, param_types, extended)
+    return compile_query(plan, topology, param_types)
 
 
-def compile_query(
-    plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = (), extended: bool = False
-) -> Program:
+def compile_query(plan: StatementPlan, topology: Topology, param_types: tuple[int, ...] = ()) -> Program:
     """SELECT, UPDATE, DELETE, MERGE, COPY (query), DECLARE/PREPARE, CREATE TABLE AS, and INSERT
     into a table of the default shard."""
     kind, write = plan.kind, plan.write
@@ -108,7 +103,7 @@ def compile_query(
                 f'a data-modifying WITH query on omnisharded table "{tables[i].name}" is not supported'
             )
     if plan.union_parts and not write and any(s is not None for s in shardings):
-        union = _union_program(plan, topology, shardings, param_types, extended)
+        union = _union_program(plan, topology, shardings, param_types)
         if union is not None:
             return union
     return _program(plan, topology, shardings, param_types, range(len(tables)))
@@ -239,7 +234,6 @@ def _union_program(
     topology: Topology,
     shardings: list[TableSharding | None],
     param_types: tuple[int, ...],
-    extended: bool,
 ) -> Program | None:
     """One program per part of a top-level UNION (see `router.union`); None when a table is read
     outside every part (a WITH query no part names)."""
@@ -263,7 +257,7 @@ def _union_program(
     reason = ", ".join(
         f"{t.name}.{s.column}" for t, s in zip(plan.tables, shardings, strict=True) if s is not None
     )
-    return UnionProgram(plan, topology, parts, routes, _Multi(plan, topology, reason), extended)
+    return UnionProgram(plan, topology, parts, routes, _Multi(plan, topology, reason))
 
 
 class _Multi:

@@ -30,6 +30,8 @@ from proxy.protocol.framing import DEFAULT_MAX_MESSAGE_LENGTH
 
 T = TypeVar("T")
 _D, _C, _E, _T, _N, _Z = (ord(c) for c in "DCETNZ")
+_SKIPPABLE = frozenset((_D, _C))  # what `until_ready` steps over in place
+_D_TYPE = b"D"
 
 # Built-in type OIDs (pg_type.dat): the same in every PostgreSQL.
 BOOL, NAME, INT8, INT2, INT4, TEXT, OID = 16, 19, 20, 21, 23, 25, 26
@@ -188,12 +190,13 @@ def row_key(values: Sequence[bytes | None], keys: Sequence[MergeKey]) -> tuple[A
 
 
 _I32 = struct.Struct(">i").unpack_from
+_U32 = struct.Struct(">I").unpack_from
 
 
-def body_key(body: bytes, keys: Sequence[MergeKey], last: int) -> tuple[Any, ...]:
-    """row_key of a DataRow body, reading only its first `last` + 1 values (a merge reads many rows)."""
+def _values(body: bytes, last: int, pos: int = 2) -> list[bytes | None]:
+    """The first `last` + 1 values of a DataRow body (a merge reads only its keys' columns); `pos`:
+    where the values begin (7 in a whole DataRow message)."""
     values: list[bytes | None] = []
-    pos = 2
     for _ in range(last + 1):
         n = _I32(body, pos)[0]
         pos += 4
@@ -202,7 +205,12 @@ def body_key(body: bytes, keys: Sequence[MergeKey], last: int) -> tuple[Any, ...
         else:
             values.append(body[pos : pos + n])
             pos += n
-    return row_key(values, keys)
+    return values
+
+
+def body_key(body: bytes, keys: Sequence[MergeKey], last: int) -> tuple[Any, ...]:
+    """row_key of a DataRow body, reading only its first `last` + 1 values."""
+    return row_key(_values(body, last), keys)
 
 
 def keep_columns(body: bytes, count: int) -> bytes:
@@ -228,38 +236,94 @@ def compare(a: Sequence[Any], b: Sequence[Any], keys: Sequence[MergeKey]) -> int
     return 0
 
 
-class _Head:
-    """A source's current row in the heap; ties go to the lower source (a stable merge)."""
+class _Descending:
+    """A value that sorts in reverse (a DESC key whose converted value cannot be negated)."""
 
-    __slots__ = ("item", "key", "keys", "source")
+    __slots__ = ("value",)
 
-    def __init__(self, key: tuple[Any, ...], source: int, item: Any, keys: Sequence[MergeKey]) -> None:
-        self.key, self.source, self.item, self.keys = key, source, item, keys
+    def __init__(self, value: Any) -> None:
+        self.value = value
 
-    def __lt__(self, other: _Head) -> bool:
-        c = compare(self.key, other.key, self.keys)
-        return c < 0 if c else self.source < other.source
+    def __lt__(self, other: _Descending) -> bool:
+        return bool(other.value < self.value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Descending) and bool(self.value == other.value)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+# Converters whose values negate to sort in reverse: numbers, and (rank, number) pairs.
+_NUMBERS: frozenset[Callable[[bytes], Any]] = frozenset({int, _signed, _unsigned})
+_PAIRS: frozenset[Callable[[bytes], Any]] = frozenset(
+    {_number, _float, _binary_float, _binary_numeric, _timestamp}
+)
+
+
+def sort_key(key: MergeKey) -> Callable[[bytes | None], Any]:
+    """A value's key in `key`'s order under Python's own comparisons (as `compare` orders row keys):
+    NULL is (0,) or (2,) by NULLS FIRST/LAST, a value (1, v) with v negated (or wrapped) for DESC.
+    The merge's heap then compares plain tuples in C instead of calling `compare` per step."""
+    convert = key.convert
+    null = (0,) if key.nulls_first else (2,)
+    if not key.descending:
+
+        def ascending(value: bytes | None) -> Any:
+            return null if value is None else (1, convert(value))
+
+        return ascending
+    if convert in _NUMBERS:
+
+        def negated(value: bytes | None) -> Any:
+            return null if value is None else (1, -convert(value))
+
+        return negated
+    if convert in _PAIRS:
+
+        def negated_pair(value: bytes | None) -> Any:
+            if value is None:
+                return null
+            rank, number = convert(value)
+            return (1, -rank, -number)
+
+        return negated_pair
+
+    def wrapped(value: bytes | None) -> Any:
+        return null if value is None else (1, _Descending(convert(value)))
+
+    return wrapped
+
+
+def _row_sort_key(keys: Sequence[MergeKey]) -> Callable[[Sequence[bytes | None]], Any]:
+    """The sort key of a row's column values: one value's key for one ORDER BY key, else a tuple."""
+    functions = [(k.column, sort_key(k)) for k in keys]
+    if len(functions) == 1:
+        column, function = functions[0]
+        return lambda values: function(values[column])
+    return lambda values: tuple(f(values[c]) for c, f in functions)
 
 
 def merge_sorted(
     sources: Sequence[Iterable[T]], keys: Sequence[MergeKey], values: Callable[[T], Sequence[bytes | None]]
 ) -> Iterator[T]:
-    """Merge already sorted sources; `values` reads an item's column values (text, None for NULL)."""
+    """Merge already sorted sources; `values` reads an item's column values (text, None for NULL).
+    Ties go to the lower source (a stable merge)."""
+    key_of = _row_sort_key(keys)
     iterators = [iter(s) for s in sources]
-    heap: list[_Head] = []
+    heap: list[tuple[Any, int, T]] = []
     for i, it in enumerate(iterators):
         for item in it:
-            heap.append(_Head(row_key(values(item), keys), i, item, keys))
+            heap.append((key_of(values(item)), i, item))
             break
     heapq.heapify(heap)
     while heap:
-        head = heap[0]
-        yield head.item
-        nxt = next(iterators[head.source], None)
+        _, source, item = heap[0]
+        yield item
+        nxt = next(iterators[source], None)
         if nxt is None:
             heapq.heappop(heap)
         else:
-            heapq.heapreplace(heap, _Head(row_key(values(nxt), keys), head.source, nxt, keys))
+            heapq.heapreplace(heap, (key_of(values(nxt)), source, nxt))
 
 
 # streams ---------------------------------------------------------------------------------------------
@@ -334,20 +398,10 @@ class ShardStream:
                 end = pos + 1 + length
                 if len(buf) >= end:
                     msg_type, body = buf[pos], bytes(buf[pos + 5 : end])
-                    self.pos = end
                     if msg_type == _Z:
                         self.pending -= 1
                         self.status = body[:1]
-                    if end > 65536 and end * 2 > len(buf):
-                        del buf[:end]
-                        self.pos = 0
-                    if (
-                        self.paused
-                        and len(buf) - self.pos < self.low_water
-                        and self.server.transport is not None
-                    ):
-                        self.paused = False
-                        self.server.transport.resume_reading()
+                    self._consumed(end)
                     return msg_type, body
             if self.lost:
                 raise ServerError("08006", f"server {self.server.target.label} closed the connection")
@@ -356,6 +410,33 @@ class ShardStream:
                 await self.waiter
             finally:
                 self.waiter = None
+
+    def _consumed(self, end: int) -> None:
+        """Messages were read up to `end`: free the buffer's head now and then, resume reading when
+        what is left falls below the low-water mark."""
+        buf = self.buf
+        self.pos = end
+        if end > 65536 and end * 2 > len(buf):
+            del buf[:end]
+            self.pos = 0
+        if self.paused and len(buf) - self.pos < self.low_water and self.server.transport is not None:
+            self.paused = False
+            self.server.transport.resume_reading()
+
+    def _skip_rows(self) -> None:
+        """Step over the DataRows and CommandCompletes already in the buffer without copying them
+        (the rest of a result nobody reads, after a LIMIT was reached)."""
+        buf, pos = self.buf, self.pos
+        size = len(buf)
+        start = pos
+        while size - pos >= 5 and buf[pos] in _SKIPPABLE:
+            length = _U32(buf, pos + 1)[0]
+            end = pos + 1 + length
+            if length < 4 or length > DEFAULT_MAX_MESSAGE_LENGTH or end > size:
+                break  # not whole yet, or invalid: message() waits or raises
+            pos = end
+        if pos != start:
+            self._consumed(pos)
 
     async def result_message(self) -> tuple[int, bytes]:
         """The next message of a query's result: notices are kept aside, errors raise ShardError."""
@@ -374,18 +455,28 @@ class ShardStream:
                 # BindComplete: the extended-protocol run of a query of pgshard's
                 return msg_type, body
 
-    async def next_row(self) -> bytes | None:
-        """The next DataRow body of the current result, or None at its CommandComplete."""
+    async def next_row(self, whole: bool = False) -> bytes | None:
+        """The next DataRow body of the current result (with `whole`, the whole message, to pass on
+        as it is), or None at its CommandComplete."""
+        buf, pos = self.buf, self.pos
+        if len(buf) - pos >= 5 and buf[pos] == _D:  # the common case, without the layers below
+            length = _U32(buf, pos + 1)[0]
+            end = pos + 1 + length
+            if 4 <= length <= DEFAULT_MAX_MESSAGE_LENGTH and end <= len(buf):
+                body = bytes(buf[pos if whole else pos + 5 : end])
+                self._consumed(end)
+                return body
         while True:
             msg_type, body = await self.result_message()
             if msg_type == _D:
-                return body
+                return _D_TYPE + (len(body) + 4).to_bytes(4, "big") + body if whole else body
             if msg_type in (_C, _Z):
                 return None
 
     async def until_ready(self) -> None:
         """Read (and drop) everything up to the next ReadyForQuery, keeping the first error."""
         while True:
+            self._skip_rows()
             msg_type, body = await self.message()
             if msg_type == _Z:
                 return
@@ -396,24 +487,27 @@ class ShardStream:
 
 
 async def merge_streams(
-    streams: Sequence[ShardStream], keys: Sequence[MergeKey]
+    streams: Sequence[ShardStream], keys: Sequence[MergeKey], whole: bool = False
 ) -> AsyncGenerator[bytes, None]:
-    """DataRow bodies of every stream's current result, merged in order (raises ShardError)."""
+    """DataRow bodies (with `whole`, whole DataRow messages) of every stream's current result, merged
+    in order, ties to the lower stream (raises ShardError)."""
     last = max((k.column for k in keys), default=-1)
-    heap: list[_Head] = []
+    key_of = _row_sort_key(keys)
+    start = 7 if whole else 2  # where the values begin
+    heap: list[tuple[Any, int, bytes]] = []
     for i, stream in enumerate(streams):
-        body = await stream.next_row()
-        if body is not None:
-            heap.append(_Head(body_key(body, keys, last), i, body, keys))
+        row = await stream.next_row(whole)
+        if row is not None:
+            heap.append((key_of(_values(row, last, start)), i, row))
     heapq.heapify(heap)
     while heap:
-        head = heap[0]
-        yield head.item
-        body = await streams[head.source].next_row()
-        if body is None:
+        _, source, row = heap[0]
+        yield row
+        nxt = await streams[source].next_row(whole)
+        if nxt is None:
             heapq.heappop(heap)
         else:
-            heapq.heapreplace(heap, _Head(body_key(body, keys, last), head.source, body, keys))
+            heapq.heapreplace(heap, (key_of(_values(nxt, last, start)), source, nxt))
 
 
 async def drain(stream: ShardStream) -> None:

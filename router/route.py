@@ -38,7 +38,7 @@ class Route:
     parts: tuple[tuple[int, str], ...] | None = None
     """A UNION ALL whose parts run on different shards (a part of the default shard, of an
     omnisharded table, a constant): (shard, the parts it runs, joined by UNION ALL), answered by
-    `proxy.union_read`. Simple protocol only."""
+    `proxy.union_read` (in a Bind's route, the parts keep the client's `$n`)."""
 
     @property
     def single(self) -> int | None:

@@ -184,7 +184,7 @@ class Router:
             plan = entry.plan
         else:
             plan = analyse(sql, aggregates)
-        program = compile_plan(plan, self.topology, types, extended=True)
+        program = compile_plan(plan, self.topology, types)
         return PreparedRoute(
             sql, plan, fp.literals, tuple(fp.hints), program, self.topology.version, types, aggregates
         )
@@ -205,7 +205,7 @@ class Router:
             if prepared.aggregates is not aggregates:  # the catalog changed since the Parse
                 prepared.plan = analyse(prepared.sql, aggregates)
                 prepared.aggregates = aggregates
-            prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types, extended=True)
+            prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types)
             prepared.version = self.topology.version
         values = Values(prepared.literals, params, formats)
         if prepared.hints:

@@ -10,7 +10,8 @@ part is routed by its own keys (`router.compile` builds one program per part) an
   read only omnisharded tables or constants: a copy per shard is removed by the deduplication;
 - otherwise (a part of the default shard or of an omnisharded table next to sharded parts on other
   shards) a UNION ALL with nothing over the whole runs part by part: each shard runs the parts it
-  must, cut from the client's text (`Route.parts`, answered by `proxy.union_read`);
+  must, cut from the client's text (`Route.parts`, answered by `proxy.union_read`, in the simple and
+  the extended protocol: a Bind's parts keep the client's `$n`);
 - anything else is refused with 0A000 naming it (DESIGN.md, principle 4).
 """
 
@@ -39,7 +40,7 @@ _JOINED = "\nUNION ALL\n"  # newlines: a part may end in a -- comment
 class UnionProgram(Program):
     """Routes a UNION chain from the routes of its parts."""
 
-    __slots__ = ("_extended", "_kinds", "_multi", "_plan", "_programs", "_routes", "_topology")
+    __slots__ = ("_kinds", "_multi", "_plan", "_programs", "_routes", "_topology")
 
     def __init__(
         self,
@@ -48,14 +49,12 @@ class UnionProgram(Program):
         parts: list[tuple[Part, Program]],
         routes: tuple[Route, ...],
         multi: Callable[[tuple[int, ...] | None, str | None], Route],
-        extended: bool,
     ) -> None:
         self._plan, self._topology = plan, topology
         self._kinds = [kind for kind, _ in parts]
         self._programs = [program for _, program in parts]
         self._routes = routes  # single-shard routes, by shard
         self._multi = multi  # shards -> the whole statement on them (merge flags set); None -> error
-        self._extended = extended
 
     def route(self, values: Values, sql: str | bytes | None = None) -> Route:
         found: list[tuple[int, ...]] = []
@@ -108,9 +107,4 @@ class UnionProgram(Program):
         if plan.kind is not StatementKind.SELECT or plan.explain:
             what = "EXPLAIN" if plan.explain else plan.leading
             return f"{what} of a UNION ALL of {where}, is not supported"
-        if self._extended:
-            return (
-                f"UNION ALL of {where}, in the extended query protocol, is not supported: send it as a "
-                "simple query, or fix the parts' shard keys"
-            )
         return None

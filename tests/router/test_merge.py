@@ -249,6 +249,38 @@ def test_merge_equals_a_stable_sort(
     assert merged(sources, [ints(descending=descending, nulls_first=nulls_first)]) == expected
 
 
+_SORTABLE = [  # (type OID, text values of that type, NULL included)
+    (merge.INT4, st.integers(-(2**31), 2**31 - 1).map(lambda v: str(v).encode())),
+    (merge.NUMERIC, st.sampled_from([b"NaN", b"0", b"-0.00", b"1.5", b"1.50", b"-2", b"1e3", b"999.999"])),
+    (merge.FLOAT8, st.sampled_from([b"NaN", b"Infinity", b"-Infinity", b"0", b"-0", b"1.5", b"-3.25"])),
+    (merge.TIMESTAMP, st.sampled_from([b"infinity", b"-infinity", b"2024-01-02 03:04:05", b"0044-03-15 BC"])),
+    (merge.TEXT, st.binary(max_size=4)),
+    (merge.BOOL, st.sampled_from([b"t", b"f"])),
+]
+
+
+@given(st.data(), st.booleans(), st.booleans(), st.integers(0, len(_SORTABLE) - 1), st.integers(0, 2))
+def test_sort_keys_order_as_compare(
+    data: Any, descending: bool, nulls_first: bool, which: int, n2: int
+) -> None:
+    """The merge's tuple keys (`merge.sort_key`) put rows in the order `compare` gives, ties kept."""
+    import functools
+
+    oid, values = _SORTABLE[which]
+    other_oid, other_values = _SORTABLE[n2]
+    keys = [
+        MergeKey(0, column_key(oid, True), descending, nulls_first),
+        MergeKey(1, column_key(other_oid, True), not descending, not nulls_first),
+    ]
+    rows = data.draw(st.lists(st.tuples(st.none() | values, st.none() | other_values), max_size=12))
+    by_compare = sorted(
+        rows, key=functools.cmp_to_key(lambda a, b: compare(row_key(a, keys), row_key(b, keys), keys))
+    )
+    functions = [merge.sort_key(k) for k in keys]
+    by_tuples = sorted(rows, key=lambda r: tuple(f(v) for f, v in zip(functions, r, strict=True)))
+    assert by_tuples == by_compare
+
+
 # streams ---------------------------------------------------------------------------------------------
 class FakeTransport:
     def __init__(self) -> None:

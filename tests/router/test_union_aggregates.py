@@ -92,10 +92,21 @@ def test_what_cannot_run_part_by_part_is_refused(router: Router) -> None:
     refused(router, "SELECT id FROM orders INTERSECT SELECT id FROM items")
 
 
-def test_union_parts_are_not_run_apart_in_the_extended_protocol(router: Router) -> None:
+def test_union_parts_run_apart_in_the_extended_protocol_keep_their_parameters(router: Router) -> None:
     prepared = router.prepare("SELECT status FROM orders WHERE qty > $1 UNION ALL SELECT code FROM countries")
     r = router.route_bind(prepared, [b"3"])
-    assert r.error is not None and r.error[0] == NOT_SUPPORTED and "extended" in r.error[1]
+    assert r.error is None and r.shards == (0, 1, 2, 3) and r.parts is not None
+    texts = dict(r.parts)
+    assert texts[0] == "SELECT status FROM orders WHERE qty > $1\nUNION ALL\nSELECT code FROM countries"
+    assert texts[1] == texts[2] == texts[3] == "SELECT status FROM orders WHERE qty > $1"
+    keyed_notes = router.prepare(
+        "SELECT id FROM notes WHERE id > $2 UNION ALL SELECT id FROM orders WHERE user_id = $1"
+    )
+    r = router.route_bind(keyed_notes, [str(key_on(2)).encode(), b"0"])
+    assert r.parts is not None and dict(r.parts) == {
+        0: "SELECT id FROM notes WHERE id > $2",
+        2: "SELECT id FROM orders WHERE user_id = $1",
+    }
     keyed = router.prepare(
         "SELECT id FROM orders WHERE user_id = $1 UNION ALL SELECT id FROM items WHERE user_id = $2"
     )
