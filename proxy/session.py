@@ -660,15 +660,21 @@ class ClientSession(asyncio.Protocol):
 
     # server -> client -------------------------------------------------------------------------------
     def server_data(self, server: ServerConnection, data: bytes) -> None:
-        if not (
-            self.srv_carry
-            or self.srv_skip
-            or self.drop_groups
-            or self.silent_syncs
-            or self.parse_q
-            or self.close_q
-            or self.tracking_tags
-        ) and self._whole_replies(server, data):
+        parse_q = self.parse_q
+        if (
+            not (
+                self.srv_carry
+                or self.srv_skip
+                or self.drop_groups
+                or self.silent_syncs
+                or self.close_q
+                or self.tracking_tags
+            )
+            # One Parse of the client's unnamed statement (extended protocol without names) is
+            # settled by the ReadyForQuery of its group as well as by its ParseComplete.
+            and (not parse_q or (len(parse_q) == 1 and not parse_q[0][1] and not parse_q[0][2]))
+            and self._whole_replies(server, data, bool(parse_q))
+        ):
             return
         if self.srv_carry:
             data = self.srv_carry + data
@@ -758,11 +764,13 @@ class ClientSession(asyncio.Protocol):
         if drained:
             self.drained()
 
-    def _whole_replies(self, server: ServerConnection, data: bytes) -> bool:
+    def _whole_replies(self, server: ServerConnection, data: bytes, unnamed_parse: bool) -> bool:
         """The common chunk, handled with a walk over headers only: whole messages, nothing of ours
         to drop, at most one ReadyForQuery and only as the last message. False: use the full path.
 
-        The caller checked that nothing is pending that needs message bodies (drops, tags, carries).
+        The caller checked that nothing is pending that needs message bodies (drops, tags, carries);
+        with `unnamed_parse`, the chunk must end the last group the client has sent, so that the
+        ReadyForQuery retires that Parse (`_on_ready`).
         """
         n = len(data)
         pos = 0
@@ -776,6 +784,8 @@ class ClientSession(asyncio.Protocol):
             pos += 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
         if pos != n or (ready >= 0 and ready + 6 != n):
             return False  # a message split across chunks, or something after the ReadyForQuery
+        if unnamed_parse and (ready < 0 or self.done_syncs + 1 != self.sent_syncs):
+            return False
         transport = self.transport
         if ready < 0:
             if transport is not None and not transport.is_closing():
