@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from parser.dml import row_spans, split_insert
 from parser.plan import StatementKind, StatementPlan, ValueRef
+from proxy.pg_encoding import EncodingError
 from router.keys import usable
 from router.placement import NoShardForKey
 from router.route import FEATURE_NOT_SUPPORTED, Broadcast, Route, error_route
@@ -108,6 +109,10 @@ class InsertProgram(Program):
         for ref in self._refs:
             try:
                 key = values.read(ref, sharding, insert=True)[0]
+            except EncodingError as e:  # the key's text cannot be converted as the server would
+                return error_route(
+                    _KIND, e.sqlstate, f'shard key "{column}" of "{self._name}": {e.message}', True
+                )
             except (ValueError, TypeError, IndexError, LookupError) as e:
                 return error_route(
                     _KIND, "22P02", f'invalid value for shard key "{column}" of "{self._name}": {e}', True

@@ -15,7 +15,7 @@ table that is not configured (it lives on the default shard only) only on the de
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from parser.fingerprint import Literal, LiteralKind
@@ -33,17 +33,33 @@ from router.topology import TableSharding, Topology
 _CONVERSION_ERRORS = (ValueError, TypeError, IndexError, LookupError, UnicodeDecodeError)
 
 
-class Values:
-    """The values one statement brings: its literals, or its Bind parameters and format codes."""
+ToUtf8 = Callable[[bytes], bytes]
+"""Text in the client's encoding -> the UTF-8 the server stores (`proxy.pg_encoding`); raises ValueError."""
 
-    __slots__ = ("formats", "literals", "params")
+
+class Values:
+    """The values one statement brings: its literals, or its Bind parameters and format codes.
+
+    Text keys are hashed over the UTF-8 the server stores; a client in another client_encoding sends
+    other bytes, so `params_to_utf8` / `literals_to_utf8` (None for UTF8 clients, the common case) say
+    how the server converts them. Programs are cached across sessions: the encoding is an input here.
+    """
+
+    __slots__ = ("formats", "literals", "literals_to_utf8", "params", "params_to_utf8")
 
     def __init__(
-        self, literals: Sequence[Literal], params: Sequence[bytes | None] = (), formats: Sequence[int] = ()
+        self,
+        literals: Sequence[Literal],
+        params: Sequence[bytes | None] = (),
+        formats: Sequence[int] = (),
+        params_to_utf8: ToUtf8 | None = None,
+        literals_to_utf8: ToUtf8 | None = None,
     ) -> None:
         self.literals = literals
         self.params = params
         self.formats = formats
+        self.params_to_utf8 = params_to_utf8
+        self.literals_to_utf8 = literals_to_utf8
 
     def read(self, ref: ValueRef, sharding: TableSharding, insert: bool = False) -> list[Any]:
         """The key values a reference denotes (several for an array); None for SQL NULL.
@@ -51,6 +67,8 @@ class Values:
         kind = ref.kind
         if kind is RefKind.LITERAL:
             literal = self.literals[ref.index]
+            if self.literals_to_utf8 is not None and sharding.family == "text":
+                literal = Literal(literal.kind, self.literals_to_utf8(literal.value))
             if ref.array:
                 return [
                     None if e is None else text_key(sharding, e, insert) for e in text_array(literal.value)
@@ -62,10 +80,18 @@ class Values:
                 return [None]
             formats = self.formats
             fmt = (formats[0] if len(formats) == 1 else formats[ref.index - 1]) if formats else 0
+            convert = self.params_to_utf8 if sharding.family == "text" else None
             if ref.array:
                 if fmt:
-                    return [None if e is None else binary_key(sharding, e) for e in binary_array(raw)]
+                    elements = binary_array(raw)  # array_recv converts each element (textrecv)
+                    if convert is not None:
+                        elements = [None if e is None else convert(e) for e in elements]
+                    return [None if e is None else binary_key(sharding, e) for e in elements]
+                if convert is not None:  # the whole text first: a multibyte character may hold a '"'
+                    raw = convert(raw)
                 return [None if e is None else text_key(sharding, e, insert) for e in text_array(raw)]
+            if convert is not None:  # textin and textrecv both convert from client_encoding
+                raw = convert(raw)
             return [binary_key(sharding, raw) if fmt else text_key(sharding, raw, insert)]
         if kind is RefKind.CONST:
             raw_const = (ref.value or "").encode("utf-8")
@@ -161,7 +187,7 @@ class SingleKey(Program):
 
     def route(self, values: Values, sql: str | bytes | None = None) -> Route:
         try:
-            if self._literal >= 0:
+            if self._literal >= 0 and values.literals_to_utf8 is None:
                 literal = values.literals[self._literal]
                 raw = literal.value
                 key: Any

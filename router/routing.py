@@ -7,6 +7,14 @@ literal list, hashes it and returns a prebuilt Route. A miss runs the full analy
 ~100 us and up) and compiles its plan. Extended protocol: `prepare` analyses once per Parse and
 `route_bind` routes each Bind from its parameter values.
 
+Client encodings: text keys are hashed as the UTF-8 the server stores. A session whose client_encoding
+is not UTF8 passes its `ClientEncoding`: a non-ASCII Query is converted whole, as PostgreSQL converts
+the query string before scanning it (so escapes are undone after conversion and multibyte characters
+that embed ASCII bytes cannot fool the scanner), and is routed as that UTF-8 text; Bind parameters of
+text keys are converted one by one. The cached programs read UTF-8 only, so sessions in different
+encodings share them. Where no exact conversion exists, ASCII keys still route, a write with a
+non-ASCII key is refused (0A000) and a read goes to every shard.
+
 Decisions for values that name no row:
 - a NULL key (`key = $1` bound to NULL, `key = NULL`) matches no row, so any one shard gives the
   right (empty) answer: the default shard is used;
@@ -19,7 +27,7 @@ Decisions for values that name no row:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from parser.analysis import analyse
@@ -27,11 +35,12 @@ from parser.fingerprint import Fingerprint, Literal, fingerprint
 from parser.hints import Hint, parse_hints
 from parser.plan import StatementKind, StatementPlan
 from parser.statements import split_statements
+from proxy.pg_encoding import ClientEncoding, EncodingError
 from router.compile import compile_plan
 from router.keys import text_key
 from router.placement import NoShardForKey
 from router.route import FEATURE_NOT_SUPPORTED, Broadcast, Route, error_route
-from router.route_plan import Program, Values, resolve_columns
+from router.route_plan import Program, Static, ToUtf8, Values, resolve_columns
 from router.topology import TableSharding, Topology
 
 __all__ = ["Broadcast", "PreparedRoute", "Route", "Router"]
@@ -63,6 +72,7 @@ class PreparedRoute:
     version: int
     param_types: tuple[int, ...] = ()
     aggregates: frozenset[str] | None = frozenset()
+    literals_to_utf8: ToUtf8 | None = None  # the Parse's text could not be converted: refuse non-ASCII
 
 
 class Router:
@@ -71,26 +81,82 @@ class Router:
         self.cache_size = cache_size
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._hints: dict[tuple[bytes, ...], Hint] = {}
+        self._converters: dict[str, Callable[[bytes], bytes]] = {}
         self.hits = 0
         self.misses = 0
 
     # -- simple protocol ------------------------------------------------------------------
 
-    def route_simple(self, sql: bytes) -> Route:
-        """Route a Query message's SQL (one statement or several separated by semicolons)."""
-        fp = fingerprint(sql)
+    def route_simple(self, sql: bytes, encoding: ClientEncoding | None = None) -> Route:
+        """Route a Query message's SQL (one statement or several separated by semicolons).
+        `encoding`: the session's client_encoding when it is not UTF8 (None otherwise)."""
+        if encoding is not None and not sql.isascii():  # ASCII is the same text in every encoding
+            return self._route_encoded(sql, encoding)
+        fp = fingerprint(sql)  # the common case, inline: _route_text without a call
+        key = fp.key
+        semi = key.find(b";")  # strings and comments are masked in the key: a ';' there is real
+        if semi >= 0 and key[semi + 1 :].strip(b" \t\r\n\f;"):
+            return self._route_text(sql, None, fp)
+        return self._route_fingerprint(sql, fp)
+
+    def _to_utf8(self, encoding: ClientEncoding) -> Callable[[bytes], bytes]:
+        convert = self._converters.get(encoding.name)
+        if convert is None:
+            convert = self._converters[encoding.name] = encoding.to_utf8()
+        return convert
+
+    def _route_encoded(self, sql: bytes, encoding: ClientEncoding) -> Route:
+        """Route a non-ASCII query in another client encoding by the UTF-8 text the server will read."""
+        try:
+            converted = self._to_utf8(encoding)(sql)
+        except EncodingError as e:
+            if e.sqlstate != FEATURE_NOT_SUPPORTED:  # bad bytes: the server refuses the query alike
+                return error_route(StatementKind.OTHER, e.sqlstate, e.message)
+            if encoding.embeds_ascii:
+                return error_route(StatementKind.OTHER, FEATURE_NOT_SUPPORTED, _unscannable(encoding.name))
+            # No exact conversion, but ASCII bytes are never part of a multibyte character here: the
+            # text scans as it is, and only a non-ASCII text key is refused (a write) or unknown (a read).
+            route = self._route_text(sql, self._to_utf8(encoding))
+        else:
+            route = self._route_text(converted)
+        if any(
+            not text.isascii()
+            for r in (route, *(route.statements or ()))
+            for _, text in (*(r.split or ()), *(r.parts or ()))
+        ):
+            # The pieces would go out as UTF-8 to a session reading another encoding.
+            return error_route(
+                route.kind,
+                FEATURE_NOT_SUPPORTED,
+                "a statement pgshard would cut into one piece per shard (a multi-row INSERT over several "
+                f"shards, a UNION ALL) cannot be cut when it holds non-ASCII text in client encoding "
+                f"{encoding.name}; send one row per statement or use client_encoding UTF8",
+                route.write,
+            )
+        return route
+
+    def _route_text(
+        self, sql: bytes, literals_to_utf8: ToUtf8 | None = None, fp: Fingerprint | None = None
+    ) -> Route:
+        """Route one query's text; `literals_to_utf8` converts its text-key literals if it is not UTF-8."""
+        if fp is None:
+            fp = fingerprint(sql)
         key = fp.key
         semi = key.find(b";")  # strings and comments are masked in the key: a ';' there is real
         if semi >= 0 and key[semi + 1 :].strip(b" \t\r\n\f;"):
             parts = split_statements(sql.decode("utf-8", "surrogateescape"))
             if len(parts) > 1:
-                return self._combine([self._route_one(p.encode("utf-8", "surrogateescape")) for p in parts])
-        return self._route_fingerprint(sql, fp)
+                return self._combine(
+                    [self._route_one(p.encode("utf-8", "surrogateescape"), literals_to_utf8) for p in parts]
+                )
+        return self._route_fingerprint(sql, fp, literals_to_utf8)
 
-    def _route_one(self, sql: bytes) -> Route:
-        return self._route_fingerprint(sql, fingerprint(sql))
+    def _route_one(self, sql: bytes, literals_to_utf8: ToUtf8 | None = None) -> Route:
+        return self._route_fingerprint(sql, fingerprint(sql), literals_to_utf8)
 
-    def _route_fingerprint(self, sql: bytes, fp: Fingerprint) -> Route:
+    def _route_fingerprint(
+        self, sql: bytes, fp: Fingerprint, literals_to_utf8: ToUtf8 | None = None
+    ) -> Route:
         cache = self._cache
         entry = cache.get(fp.key)
         if entry is None or len(fp.literals) != entry.plan.literal_count:
@@ -105,7 +171,7 @@ class Router:
                 else:
                     entry.program = compile_plan(entry.plan, self.topology)
                     entry.version = self.topology.version
-        values = Values(fp.literals)
+        values = Values(fp.literals, literals_to_utf8=literals_to_utf8)
         if fp.hints:
             return self._hinted(entry.plan, tuple(fp.hints), entry.program, values, sql)
         return entry.program.route(values, sql)
@@ -167,9 +233,25 @@ class Router:
 
     # -- extended protocol ----------------------------------------------------------------
 
-    def prepare(self, sql: str, param_types: Sequence[int] = ()) -> PreparedRoute:
+    def prepare(
+        self, sql: str | bytes, param_types: Sequence[int] = (), encoding: ClientEncoding | None = None
+    ) -> PreparedRoute:
         """Analyse a Parse's statement once. `param_types` are the OIDs the Parse declares (0 or
-        absent: inferred by the server), used to tell whether a binary value can be read."""
+        absent: inferred by the server), used to tell whether a binary value can be read. `sql` as
+        bytes is the Parse's text in the client's `encoding` (None: UTF8)."""
+        literals_to_utf8: ToUtf8 | None = None
+        refused: tuple[str, str] | None = None  # (SQLSTATE, message): the Parse cannot be routed
+        if isinstance(sql, bytes):
+            if encoding is not None and not sql.isascii():
+                try:
+                    sql = self._to_utf8(encoding)(sql)
+                except EncodingError as e:
+                    if e.sqlstate != FEATURE_NOT_SUPPORTED:
+                        refused = (e.sqlstate, e.message)
+                    elif encoding.embeds_ascii:
+                        refused = (FEATURE_NOT_SUPPORTED, _unscannable(encoding.name))
+                    literals_to_utf8 = self._to_utf8(encoding)
+            sql = sql.decode("utf-8", "replace")
         raw = sql.encode("utf-8", "surrogateescape")
         fp = fingerprint(raw)
         entry = self._cache.get(fp.key)
@@ -185,29 +267,50 @@ class Router:
         else:
             plan = analyse(sql, aggregates)
         program = compile_plan(plan, self.topology, types)
+        if refused is not None:
+            program = Static(error_route(plan.kind, *refused, plan.write))
         return PreparedRoute(
-            sql, plan, fp.literals, tuple(fp.hints), program, self.topology.version, types, aggregates
+            sql,
+            plan,
+            fp.literals,
+            tuple(fp.hints),
+            program,
+            self.topology.version,
+            types,
+            aggregates,
+            literals_to_utf8,
         )
 
     def route_bind(
-        self, prepared: PreparedRoute, params: Sequence[bytes | None], formats: Sequence[int] = ()
+        self,
+        prepared: PreparedRoute,
+        params: Sequence[bytes | None],
+        formats: Sequence[int] = (),
+        encoding: ClientEncoding | None = None,
     ) -> Route:
         """Route one Bind of a prepared statement. Format codes follow the Bind rules: none means
-        text for all, one applies to all, otherwise one per parameter."""
+        text for all, one applies to all, otherwise one per parameter. `encoding`: the session's
+        client_encoding when it is not UTF8; text parameters (either format) are in it."""
         if len(formats) > 1 and len(formats) != len(params):
             return error_route(
                 prepared.plan.kind,
                 "08P01",
                 f"bind message has {len(formats)} parameter formats but {len(params)} parameters",
             )
-        if prepared.version != self.topology.version:
+        if prepared.version != self.topology.version and not isinstance(prepared.program, Static):
             aggregates = self.topology.user_aggregates
             if prepared.aggregates is not aggregates:  # the catalog changed since the Parse
                 prepared.plan = analyse(prepared.sql, aggregates)
                 prepared.aggregates = aggregates
             prepared.program = compile_plan(prepared.plan, self.topology, prepared.param_types)
             prepared.version = self.topology.version
-        values = Values(prepared.literals, params, formats)
+        values = Values(
+            prepared.literals,
+            params,
+            formats,
+            None if encoding is None else self._to_utf8(encoding),
+            prepared.literals_to_utf8,
+        )
         if prepared.hints:
             return self._hinted(prepared.plan, prepared.hints, prepared.program, values, prepared.sql)
         return prepared.program.route(values, prepared.sql)
@@ -278,3 +381,11 @@ class Router:
 
     def clear(self) -> None:
         self._cache.clear()
+
+
+def _unscannable(name: str) -> str:
+    return (
+        f"pgshard cannot read non-ASCII statements in client encoding {name}: its multibyte characters "
+        "may hold bytes that look like quotes or backslashes and it has no exact conversion; use "
+        "client_encoding UTF8"
+    )
