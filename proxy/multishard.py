@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 _IDLE, _IN_BLOCK, _FAILED = b"I", b"T", b"E"
 _ABORTED = "current transaction is aborted, commands ignored until end of transaction block"
+ABORTED = _ABORTED
 _P, _B, _D, _E, _C, _H, _S = b"PBDECHS"
 
 
@@ -376,25 +378,16 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
     dist = session.distributed
     assert dist is not None and session.router is not None
     sql = message[5:-1]
-    first, second, _ = leading_words(sql[:64].decode("utf-8", "replace"))
-    if first in ("COMMIT", "END", "ROLLBACK", "ABORT") and second not in ("TO", "PREPARED"):
-        await _end(session, dist, commit_block=first in ("COMMIT", "END"))
-        return
-    if first in ("SAVEPOINT", "RELEASE") or (first == "ROLLBACK" and second == "TO"):
-        replies = await scatter(
-            list(dist.servers.items()), [message] * len(dist.servers), 1, _timeout(session)
-        )
-        body, error = merge_replies(replies)
-        dist.begin.append(message)
-        if first == "ROLLBACK" and error is None:
-            dist.failed = False
-        dist.failed = dist.failed or error is not None
-        _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
+    text = sql.decode("utf-8", "replace")
+    if control_kind(text) in ("end", "savepoint"):
+        body, _ = await transaction_control(session, dist, text)
+        _reply(session, body, block_status(session))
         return
     if dist.failed:
         _reply(session, backend.error_response("25P02", _ABORTED), _FAILED)
         return
-    route = session.router.route_simple(sql)
+    state = session.state
+    route = session.router.route_simple(sql, state.client_encoding if state is not None else None)
     if route.error is not None:
         dist.failed = True
         _reply(session, backend.error_response(*route.error), _FAILED)
@@ -429,22 +422,224 @@ async def run_query_in_transaction(session: RoutedSession, message: bytes) -> No
     _reply(session, body, _FAILED if dist.failed else _IN_BLOCK)
 
 
-async def _end(session: RoutedSession, dist: DistributedTransaction, commit_block: bool) -> None:
-    """COMMIT (two-phase when several shards wrote) or ROLLBACK on every shard of the block."""
+async def _end(session: RoutedSession, dist: DistributedTransaction, commit_block: bool) -> bytes:
+    """COMMIT (two-phase when several shards wrote) or ROLLBACK on every shard of the block; the reply."""
     session.distributed = None
     if commit_block and not dist.failed:
         try:
             await commit(session, dist.servers, dist.wrote)
         except ServerError as exc:
             release(session, dist.servers, broken=True)
-            _reply(session, _error_body(exc), _IDLE)
-            return
+            return _error_body(exc)
         release(session, dist.servers)
-        _reply(session, frame(ord("C"), b"COMMIT\x00"), _IDLE)
-        return
+        return frame(ord("C"), b"COMMIT\x00")
     errors = await _run_each(dist.servers, "ROLLBACK")
     release(session, dist.servers, broken=bool(errors))
-    _reply(session, frame(ord("C"), b"ROLLBACK\x00"), _IDLE)
+    return frame(ord("C"), b"ROLLBACK\x00")
+
+
+# transaction control --------------------------------------------------------------------------------
+_CHAIN = re.compile(r"\bAND\s+(NO\s+)?CHAIN\s*;?\s*$", re.IGNORECASE)
+_END_WORDS = ("COMMIT", "END", "ROLLBACK", "ABORT")
+_BEGIN_TAGS = {"BEGIN": b"BEGIN", "START": b"START TRANSACTION"}
+
+
+def control_kind(sql: str) -> str | None:
+    """'begin', 'end' (COMMIT, ROLLBACK ...), 'savepoint' (SAVEPOINT, RELEASE, ROLLBACK TO) or None.
+
+    Why: these change the block itself, so pgshard answers or spreads them instead of routing them.
+    """
+    first, second, _ = leading_words(sql[:64])
+    if first in _BEGIN_TAGS:
+        return "begin"
+    if first in ("SAVEPOINT", "RELEASE") or (first == "ROLLBACK" and second == "TO"):
+        return "savepoint"
+    if first in _END_WORDS and second != "PREPARED":
+        return "end"
+    return None
+
+
+def _exits_failed_block(sql: str) -> bool:
+    """What PostgreSQL still accepts in a failed block (IsTransactionExitStmt): COMMIT, ROLLBACK [TO]."""
+    first, _, _ = leading_words(sql[:64])
+    return control_kind(sql) == "end" or first == "ROLLBACK"
+
+
+def is_chained(sql: str) -> bool:
+    m = _CHAIN.search(sql)
+    return m is not None and m.group(1) is None
+
+
+def block_status(session: RoutedSession) -> bytes:
+    """The ReadyForQuery status of a client whose block is answered by pgshard (held or distributed)."""
+    dist = session.distributed
+    if dist is not None:
+        return _FAILED if dist.failed else _IN_BLOCK
+    if session.held:
+        return _FAILED if session.held_failed else _IN_BLOCK
+    return _IDLE
+
+
+async def transaction_control(
+    session: RoutedSession, dist: DistributedTransaction, sql: str
+) -> tuple[bytes, bool]:
+    """COMMIT/ROLLBACK/savepoints of a distributed block, as PostgreSQL answers them: (reply, ok).
+
+    Why: the block lives on several shards, so each of these must reach every one of them (COMMIT
+    through two-phase commit), and a failed block still takes ROLLBACK and ROLLBACK TO.
+    """
+    first, _, _ = leading_words(sql[:64])
+    if control_kind(sql) == "end":
+        chain = is_chained(sql)
+        begin = dist.begin[0]
+        body = await _end(session, dist, commit_block=first in ("COMMIT", "END"))
+        if chain and body[:1] == b"C":
+            # AND CHAIN: a new block with the same characteristics, held until a statement needs a shard.
+            session.held = [begin]
+            session.held_failed = False
+        return body, body[:1] == b"C"
+    if dist.failed and not _exits_failed_block(sql):
+        return backend.error_response("25P02", _ABORTED), False
+    message = frontend.query(sql)
+    replies = await scatter(list(dist.servers.items()), [message] * len(dist.servers), 1, _timeout(session))
+    body, error = merge_replies(replies, same=True)
+    if error is None:
+        dist.begin.append(message)  # shards that join later replay it
+        if first == "ROLLBACK":
+            dist.failed = False
+    else:
+        dist.failed = True
+    return body, error is None
+
+
+def _parse_text(message: bytes) -> bytes:
+    body = message[5:]
+    name_end = body.index(b"\x00")
+    return body[name_end + 1 : body.index(b"\x00", name_end + 1)]
+
+
+def group_texts(session: RoutedSession, group: list[tuple[int, bytes, Route | None]]) -> list[str | None]:
+    """The SQL each Parse and Bind of `group` names (None for other messages, or when unknown)."""
+    named: dict[bytes, bytes] = {}
+    unnamed: bytes | None = session.unnamed_sql_before
+    texts: list[str | None] = []
+    for msg_type, message, _ in group:
+        text: bytes | None = None
+        if msg_type == _P:
+            text = _parse_text(message)
+            if message[5] == 0:
+                unnamed = text
+            else:
+                named[message[5 : message.index(b"\x00", 5)]] = text
+        elif msg_type == _B:
+            name = prepared.bind_statement_name(message[5:])
+            if not name:
+                text = unnamed
+            else:
+                stmt = session.statements.get(name)
+                text = named.get(name, stmt.query if stmt is not None else None)
+        texts.append(None if text is None else text.decode("utf-8", "replace"))
+    return texts
+
+
+def control_group(session: RoutedSession, group: list[tuple[int, bytes, Route | None]]) -> str | None:
+    """'local' when pgshard must answer this extended-protocol group of transaction control itself,
+    'mixed' when it mixes such control with other statements in a block pgshard spreads, else None.
+
+    Why: in a block held by pgshard or open on several shards, COMMIT, ROLLBACK and savepoints must
+    reach every shard (or none yet), which one routed group cannot do.
+    """
+    idle = session.distributed is None and not session.held
+    kinds = [
+        control_kind(text) if text is not None else None
+        for (msg_type, _, _), text in zip(group, group_texts(session, group), strict=True)
+        if msg_type in (_P, _B)
+    ]
+    if not kinds:
+        return None
+    if idle:
+        return "local" if all(kind == "begin" for kind in kinds) else None
+    controls = [kind in ("end", "savepoint") for kind in kinds]
+    if all(controls):
+        return "local"
+    return "mixed" if any(controls) else None
+
+
+async def run_control_group(session: RoutedSession, group: list[tuple[int, bytes, Route | None]]) -> None:
+    """Parse/Bind/Describe/Execute of BEGIN, COMMIT, ROLLBACK and savepoints, answered as PostgreSQL
+    would: BEGIN is held, the others act on the held block or on every shard of a distributed one."""
+    out: list[bytes] = []
+    ok = True
+    portal: str | None = None
+    for (msg_type, message, _), text in zip(group, group_texts(session, group), strict=True):
+        if msg_type in (_P, _B):
+            assert text is not None
+            if _block_failed(session) and not _exits_failed_block(text):
+                out.append(backend.error_response("25P02", _ABORTED))
+                ok = False
+                break
+            if msg_type == _P:
+                if message[5] != 0:
+                    name, stmt = session._prepared_from_parse(message[5:])
+                    session.statements[name] = stmt
+                out.append(backend.PARSE_COMPLETE)
+            else:
+                portal = text
+                out.append(backend.BIND_COMPLETE)
+        elif msg_type == _D:
+            if message[5] == ord("S"):
+                out.append(backend.parameter_description([]))
+            out.append(backend.NO_DATA)
+        elif msg_type == _C:
+            if message[5] == ord("S") and message[6] != 0:
+                session.statements.pop(message[6:-1], None)
+            out.append(backend.CLOSE_COMPLETE)
+        elif msg_type == _E:
+            if portal is None:
+                out.append(backend.error_response("34000", "portal does not exist"))
+                ok = False
+                break
+            body, ok = await _execute_control(session, portal)
+            out.append(body)
+            if not ok:
+                break
+    if group[-1][0] == _H:
+        if not ok:
+            session.discard_until_sync = True  # PostgreSQL skips to the Sync after an error
+        _reply(session, b"".join(out), None)
+        return
+    _reply(session, b"".join(out), block_status(session))
+
+
+def _block_failed(session: RoutedSession) -> bool:
+    dist = session.distributed
+    return dist.failed if dist is not None else bool(session.held) and session.held_failed
+
+
+async def _execute_control(session: RoutedSession, sql: str) -> tuple[bytes, bool]:
+    """One Execute of transaction control: (reply, ok)."""
+    dist = session.distributed
+    if dist is not None:
+        return await transaction_control(session, dist, sql)
+    first, _, _ = leading_words(sql[:64])
+    kind = control_kind(sql)
+    if kind == "begin":
+        if session.held:  # as PostgreSQL: a warning, and the block carries on
+            notice = backend.notice_response("25001", "there is already a transaction in progress", "WARNING")
+            return notice + backend.command_complete(_BEGIN_TAGS[first].decode()), True
+        session.held = [frontend.query(sql)]
+        session.held_failed = False
+        return backend.command_complete(_BEGIN_TAGS[first].decode()), True
+    if kind == "end":
+        commits = first in ("COMMIT", "END") and not session.held_failed
+        session.held = session.held[:1] if is_chained(sql) else []
+        session.held_failed = False
+        return backend.command_complete("COMMIT" if commits else "ROLLBACK"), True
+    session.held.append(frontend.query(sql))
+    if first == "ROLLBACK":
+        session.held_failed = False
+        return backend.command_complete("ROLLBACK"), True
+    return backend.command_complete(first), True
 
 
 # extended protocol ----------------------------------------------------------------------------------

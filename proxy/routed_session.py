@@ -67,6 +67,8 @@ class RoutedSession(ClientSession):
         self.blocked = False
         self.unnamed_route: PreparedRoute | None = None
         self.statement_routes: dict[bytes, PreparedRoute] = {}
+        self.unnamed_sql: bytes | None = None  # the unnamed statement's text, for transaction control
+        self.unnamed_sql_before: bytes | None = None  # ... as it was when the current group began
         self.block_begin: list[bytes] = []  # how the current block began, for shards that join it
         self.parked: dict[int, ServerConnection] = {}  # session mode / pinned: one server per shard kept
         self.distributed: multishard.DistributedTransaction | None = None
@@ -189,7 +191,7 @@ class RoutedSession(ClientSession):
                 _FAILED,
             )
         assert self.router is not None
-        route = self.router.route_simple(sql)
+        route = self.router.route_simple(sql, self.state.client_encoding if self.state is not None else None)
         return self._follow(route, message)
 
     def _follow(self, route: Route, message: bytes) -> bool:
@@ -291,10 +293,13 @@ class RoutedSession(ClientSession):
             return None
         if first in _END_TAGS and second not in ("TO", "PREPARED"):
             tag = b"ROLLBACK" if self.held_failed else _END_TAGS[first]
-            self.held = []
+            chain = multishard.is_chained(message[5:-1].decode("utf-8", "replace"))
+            self.held = self.held[:1] if chain else []  # AND CHAIN: a new block like the last one
             self.held_failed = False
-            return self._reply_local(_command_complete(tag), _IDLE)
+            return self._reply_local(_command_complete(tag), _IN_BLOCK if chain else _IDLE)
         if first in _SAVEPOINT_TAGS or (first == "ROLLBACK" and second == "TO"):
+            if self.held_failed and first != "ROLLBACK":
+                return self._reply_local(backend.error_response("25P02", multishard.ABORTED), _FAILED)
             self.held.append(message)
             if first == "ROLLBACK":
                 self.held_failed = False
@@ -313,7 +318,10 @@ class RoutedSession(ClientSession):
         if self._outstanding():
             return self._wait_for_drain()
         status = _IDLE
-        if self.held:
+        if self.distributed is not None:
+            status = _FAILED
+            self.distributed.failed = True
+        elif self.held:
             status = _FAILED
             self.held_failed = True
         elif self.server is not None and self.status != _IDLE:
@@ -330,6 +338,8 @@ class RoutedSession(ClientSession):
     # extended protocol -------------------------------------------------------------------------------
     def _dispatch_extended(self, msg_type: int, message: bytes) -> bool:
         route: Route | None = None
+        if not self.group:
+            self.unnamed_sql_before = self.unnamed_sql
         if msg_type == _P:
             self._remember_parse(message)
         elif msg_type == _B:
@@ -346,9 +356,15 @@ class RoutedSession(ClientSession):
         body = message[5:]
         name_end = body.index(b"\x00")
         query = body[name_end + 1 : body.index(b"\x00", name_end + 1)].decode("utf-8", "replace")
-        prepared_route = self.router.prepare(query)
+        encoding = self.state.client_encoding if self.state is not None else None
+        if encoding is None:
+            prepared_route = self.router.prepare(query)
+        else:  # text keys among its literals are in the client's encoding
+            raw = body[name_end + 1 : body.index(b"\x00", name_end + 1)]
+            prepared_route = self.router.prepare(raw, encoding=encoding)
         if name_end == 0:
             self.unnamed_route = prepared_route
+            self.unnamed_sql = query.encode()
         else:
             self.statement_routes[body[:name_end]] = prepared_route
 
@@ -361,7 +377,12 @@ class RoutedSession(ClientSession):
             prepared_route = self.unnamed_route
         if prepared_route is None:
             return None
-        return self.router.route_bind(prepared_route, bind.params, bind.param_formats)
+        return self.router.route_bind(
+            prepared_route,
+            bind.params,
+            bind.param_formats,
+            self.state.client_encoding if self.state is not None else None,
+        )
 
     def _finish_group(self) -> bool:
         """Send a whole extended-protocol group (up to Sync/Flush) where its Binds route."""
@@ -375,6 +396,18 @@ class RoutedSession(ClientSession):
         ):
             self.group, self.group_ready = [], False
             return True
+        if self.server is None:
+            control = multishard.control_group(self, group)
+            if control == "mixed":
+                return self._fail_group(
+                    "0A000",
+                    "transaction control (COMMIT, ROLLBACK, SAVEPOINT ...) batched with other statements "
+                    "before one Sync, in a transaction pgshard spreads over shards: send it on its own",
+                )
+            if control == "local":
+                self.group, self.group_ready = [], False
+                self._run(multishard.run_control_group(self, group))
+                return True
         targets: set[int] = set()
         multi = False
         for _, _, route in group:
@@ -397,14 +430,30 @@ class RoutedSession(ClientSession):
         target = targets.pop() if targets else (self.shard if self.server is not None else self.default_shard)
         if not self._to_shard(target, [message for _, message, _ in group]):
             return False
+        if self.server is not None and self.status != _IDLE:
+            self._note_savepoints(group)
         self.group, self.group_ready = [], False
         return True
+
+    def _note_savepoints(self, group: list[tuple[int, bytes, Route | None]]) -> None:
+        """Savepoints of a block open on one shard, kept to replay on shards that join it later."""
+        texts = multishard.group_texts(self, group)
+        bound: str | None = None
+        for (msg_type, _, _), text in zip(group, texts, strict=True):
+            if msg_type == _B:
+                bound = text
+            elif msg_type == _E and bound is not None and multishard.control_kind(bound) == "savepoint":
+                self.block_begin.append(frontend.query(bound))
 
     def _fail_group(self, sqlstate: str, message: str) -> bool:
         """A group that cannot run: its error, then ReadyForQuery if it ended in Sync, as a server would."""
         if self.group[-1][0] != _S:
             self.group, self.group_ready = [], False
             self.discard_until_sync = True
+            if self.distributed is not None:
+                self.distributed.failed = True  # the Sync's ReadyForQuery then says so
+            elif self.held:
+                self.held_failed = True
             if self.transport is not None:
                 self.transport.write(backend.error_response(sqlstate, message))
             return True
