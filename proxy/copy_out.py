@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
-from pooler.server_connection import ServerConnection, ServerError
+from pooler.server_connection import ServerConnection
 from proxy import multishard
 from proxy.protocol import backend
 from router.merge import ShardStream
-from router.scatter import frame
+from router.scatter import frame, query_timeout_error
 
 if TYPE_CHECKING:
     from proxy.routed_session import RoutedSession
@@ -81,7 +81,7 @@ async def run_copy_out(
         if isinstance(exc, _ClientGone):
             return
         if isinstance(exc, TimeoutError):
-            raise ServerError("57014", f"query_timeout: shards did not answer within {timeout:g}s") from None
+            raise query_timeout_error(timeout, [] if gather.current is None else [gather.current]) from None
         raise
     if dist is not None:
         dist.failed = failed

@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING
 from parser.fanout import ROWS, FanoutPlan, Refusal, anonymous_functions, final_sql, plan_fanout, probe_sql
 from parser.fanout import rows_relation as _rows_relation
 from parser.plan import StatementKind
-from pooler.server_connection import ServerConnection, ServerError
+from pooler.server_connection import ServerConnection
 from proxy import multishard, prepared
 from proxy.protocol import backend, frontend
 from proxy.protocol._writer import int16_array, oid_array16
@@ -69,7 +69,7 @@ from router.merge import (
     keep_columns,
     merge_streams,
 )
-from router.scatter import frame
+from router.scatter import frame, query_timeout_error
 
 if TYPE_CHECKING:
     from proxy.routed_session import RoutedSession
@@ -300,7 +300,9 @@ async def _answer(
     except TimeoutError:
         if dist is None:
             multishard.release(session, servers, broken=True)
-        raise ServerError("57014", f"query_timeout: shards did not answer within {timeout:g}s") from None
+        raise query_timeout_error(
+            timeout, [s for s, st in read.streams.items() if not st.answered()] or read.servers
+        ) from None
     except BaseException:
         if dist is None:
             multishard.release(session, servers, broken=True)

@@ -24,7 +24,7 @@ from proxy.copy_options import CopyStatementError, parse_copy
 from proxy.log import log
 from proxy.protocol import backend, frontend
 from router.route import Broadcast
-from router.scatter import frame, merge_replies, scatter
+from router.scatter import frame, merge_replies, query_timeout_error, scatter
 from router.twophase import commit_two_phase
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ class DistributedTransaction:
     servers: dict[int, ServerConnection] = field(default_factory=dict)
     failed: bool = False
     wrote: set[int] = field(default_factory=set)  # shards that must be prepared; the rest just commit
+    doomed: bool = False  # its connections were closed (a shard timed out): only its end is accepted
 
 
 # server connections ---------------------------------------------------------------------------------
@@ -498,7 +499,7 @@ async def transaction_control(
             session.held = [begin]
             session.held_failed = False
         return body, body[:1] == b"C"
-    if dist.failed and not _exits_failed_block(sql):
+    if dist.failed and (not _exits_failed_block(sql) or dist.doomed):
         return backend.error_response("25P02", _ABORTED), False
     message = frontend.query(sql)
     replies = await scatter(list(dist.servers.items()), [message] * len(dist.servers), 1, _timeout(session))
@@ -800,19 +801,22 @@ async def _gather_streams(
     for shard, server in servers.items():
         server.write(payloads[shard])
 
-    async def read(server: ServerConnection) -> list[tuple[int, bytes]]:
+    waiting = set(servers)
+
+    async def read(shard: int, server: ServerConnection) -> list[tuple[int, bytes]]:
         messages: list[tuple[int, bytes]] = []
         while True:
             msg_type, body = await server.read_message()
             if msg_type == ord("Z"):
+                waiting.discard(shard)
                 return messages
             messages.append((msg_type, frame(msg_type, body)))
 
-    results = asyncio.gather(*(read(server) for server in servers.values()))
+    results = asyncio.gather(*(read(shard, server) for shard, server in servers.items()))
     try:
         streams = await asyncio.wait_for(results, timeout) if timeout else await results
     except TimeoutError:
-        raise ServerError("57014", f"query_timeout: a shard did not answer within {timeout:g}s") from None
+        raise query_timeout_error(timeout, waiting) from None
     return dict(zip(servers, streams, strict=True))
 
 

@@ -26,6 +26,7 @@ from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
 from proxy.protocol.framing import iter_messages
 from proxy.session import _HIGH_WATER, ClientSession
+from router.scatter import QueryTimeout
 
 if TYPE_CHECKING:
     from proxy.app import ProxyApp
@@ -567,11 +568,19 @@ class RoutedSession(ClientSession):
         broken = False
         try:
             await coro  # type: ignore[misc]
-        except PoolTimeout as exc:
-            # Nothing was sent yet: the statement fails, the client and its transaction carry on.
+        except (PoolTimeout, QueryTimeout) as exc:
+            # The statement fails and the client goes on: no server connection was free (nothing was
+            # sent), or a shard ran past query_timeout (as under PostgreSQL's statement_timeout). A
+            # block it ran in is failed; after a timeout for good, since the shard is still busy with
+            # the statement: the block's connections are closed (each server rolls back) and only its
+            # end is taken.
             status = _IDLE
-            if self.distributed is not None:
-                self.distributed.failed = True
+            dist = self.distributed
+            if dist is not None:
+                if isinstance(exc, QueryTimeout):
+                    multishard.release(self, dist.servers, broken=True)
+                    dist.servers, dist.wrote, dist.doomed = {}, set(), True
+                dist.failed = True
                 status = _FAILED
             elif self.held:
                 self.held_failed = True

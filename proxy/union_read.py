@@ -28,12 +28,12 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pooler.server_connection import ServerConnection, ServerError
+from pooler.server_connection import ServerConnection
 from proxy import fanout_read, multishard, prepared
 from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
 from router.merge import ShardError, ShardStream, drain
-from router.scatter import frame
+from router.scatter import frame, query_timeout_error
 
 if TYPE_CHECKING:
     from proxy.fanout_read import Bound
@@ -122,7 +122,9 @@ async def _answer(
     except TimeoutError:
         if dist is None:
             multishard.release(session, servers, broken=True)
-        raise ServerError("57014", f"query_timeout: shards did not answer within {timeout:g}s") from None
+        raise query_timeout_error(
+            timeout, [s for s, st in read.streams.items() if not st.answered()] or read.servers
+        ) from None
     except BaseException:
         if dist is None:
             multishard.release(session, servers, broken=True)

@@ -357,6 +357,10 @@ class ShardStream:
         self.pending = 0  # ReadyForQuery messages still to come for what was written
         server.sink = self
 
+    def answered(self) -> bool:
+        """Whether everything written has been answered (its last ReadyForQuery has arrived)."""
+        return self.pending == 0 or (self.pending == 1 and self.buf[-6:-1] == b"Z\x00\x00\x00\x05")
+
     def write(self, data: bytes, replies: int = 1) -> None:
         """Send the server `data`, which it answers with `replies` ReadyForQuery messages."""
         self.pending += replies

@@ -10,7 +10,7 @@ CommandComplete whose count is the sum, one ReadyForQuery. The first error wins.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from pooler.server_connection import ServerConnection, ServerError
@@ -54,6 +54,19 @@ async def read_reply(server: ServerConnection, shard: int, syncs: int) -> ShardR
     return reply
 
 
+class QueryTimeout(ServerError):
+    """A multi-shard statement ran past `query_timeout`: it fails, the client's session goes on."""
+
+
+def query_timeout_error(timeout: float | None, waiting: Iterable[int]) -> QueryTimeout:
+    """57014 naming the shards that had not answered when `query_timeout` ran out (issue 4)."""
+    shards = sorted(set(waiting))
+    if not shards:
+        return QueryTimeout("57014", f"query_timeout: the query did not finish within {timeout or 0:g}s")
+    which = f"shard {shards[0]}" if len(shards) == 1 else "shards " + ", ".join(map(str, shards))
+    return QueryTimeout("57014", f"query_timeout: no complete answer from {which} within {timeout or 0:g}s")
+
+
 async def scatter(
     servers: Sequence[tuple[int, ServerConnection]],
     payloads: Sequence[bytes],
@@ -63,13 +76,20 @@ async def scatter(
     """Send each server its payload at once, then gather every reply (concurrently, in shard order)."""
     for (_, server), payload in zip(servers, payloads, strict=True):
         server.write(payload)
-    gathered = asyncio.gather(*(read_reply(server, shard, syncs) for shard, server in servers))
+    waiting = {shard for shard, _ in servers}
+
+    async def read(server: ServerConnection, shard: int) -> ShardReply:
+        reply = await read_reply(server, shard, syncs)
+        waiting.discard(shard)
+        return reply
+
+    gathered = asyncio.gather(*(read(server, shard) for shard, server in servers))
     try:
         if timeout:
             return list(await asyncio.wait_for(gathered, timeout))
         return list(await gathered)
     except TimeoutError:
-        raise ServerError("57014", f"query_timeout: a shard did not answer within {timeout:g}s") from None
+        raise query_timeout_error(timeout, waiting) from None
 
 
 def _tag_parts(message: bytes) -> tuple[bytes, int | None, bytes]:
