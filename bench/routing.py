@@ -20,13 +20,15 @@ from typing import Any
 #: Figure name ("group|series", as the report keys them) -> samples in us, one per round.
 RoutingSamples = dict[str, list[float]]
 
-#: router.routing_bench's keys -> the report's figures. On the extended protocol the statement is
-#: analysed once per Parse (the miss) and each Bind is routed from that analysis (the hit).
+#: router.routing_bench's keys -> the report's figures. On the extended protocol a statement shape
+#: is analysed at its first Parse (the miss); each Bind is routed from that analysis (the hit), and
+#: a later Parse of the same shape (unnamed statements, one per query) reuses it ("parse hit").
 KEY_MAP = {
     "simple_hit_us": "route-cache hit|simple",
     "simple_miss_us": "route-cache miss|simple",
     "extended_bind_us": "route-cache hit|extended",
-    "extended_prepare_us": "route-cache miss|extended",
+    "extended_prepare_miss_us": "route-cache miss|extended",
+    "extended_prepare_hit_us": "route-cache parse hit|extended",
 }
 
 

@@ -51,13 +51,15 @@ _SESSION_KINDS = (StatementKind.TRANSACTION, StatementKind.SET)
 
 
 class _Entry:
-    __slots__ = ("aggregates", "plan", "program", "version")
+    __slots__ = ("aggregates", "plan", "program", "typed", "version")
 
     def __init__(
         self, plan: StatementPlan, program: Program, version: int, aggregates: frozenset[str] | None
     ) -> None:
         self.plan, self.program, self.version = plan, program, version
         self.aggregates = aggregates  # the user-defined aggregates the plan was analysed with
+        # Programs for Parses of this shape, by declared parameter types (version, program).
+        self.typed: dict[tuple[int, ...], tuple[int, Program]] = {}
 
 
 @dataclass(slots=True)
@@ -263,10 +265,22 @@ class Router:
             and entry.plan.cacheable
             and entry.aggregates is aggregates
         ):
-            plan = entry.plan
+            self.hits += 1
+            self._cache.move_to_end(fp.key)
         else:
-            plan = analyse(sql, aggregates)
-        program = compile_plan(plan, self.topology, types)
+            # A miss is paid once per statement shape: clients that Parse the same unnamed statement
+            # for every query (libpq's PQexecParams, pgbench -M extended) hit the cache from then on.
+            self.misses += 1
+            entry = self._analyse(raw, fp.key, len(fp.literals))
+        plan = entry.plan
+        version = self.topology.version
+        compiled = entry.typed.get(types)
+        if compiled is not None and compiled[0] == version:
+            program = compiled[1]
+        else:
+            program = compile_plan(plan, self.topology, types)
+            if len(entry.typed) < 16:
+                entry.typed[types] = (version, program)
         if refused is not None:
             program = Static(error_route(plan.kind, *refused, plan.write))
         return PreparedRoute(

@@ -552,7 +552,7 @@ def test_route_equals_the_hash_placement(key: int) -> None:
 
 def test_bench_routing_reports_every_figure() -> None:
     figures = bench_routing(number=200)
-    assert set(figures) >= {"simple_hit_us", "simple_miss_us", "extended_bind_us", "extended_prepare_us"}
+    assert set(figures) >= {"simple_hit_us", "simple_miss_us", "extended_bind_us", "extended_prepare_miss_us"}
     assert all(v > 0 for v in figures.values())
 
 
@@ -767,3 +767,16 @@ def test_postgres_aggregates_sqlglot_reads_as_plain_functions_still_need_a_merge
 
     plan = analyse("SELECT every(flag), bit_xor(n) FROM orders")
     assert plan.merge is not None and plan.merge.aggregates
+
+
+def test_a_parse_of_a_known_statement_shape_is_not_analysed_again() -> None:
+    """pgbench -M extended and PQexecParams Parse the same unnamed statement for every query."""
+    router = Router(Topology.from_database(database()))
+    first = router.prepare("SELECT * FROM orders WHERE user_id = $1")
+    misses = router.misses
+    again = router.prepare("SELECT * FROM orders WHERE user_id = $1")
+    assert router.misses == misses
+    assert again.plan is first.plan
+    assert router.route_bind(again, [b"7"]).shards == (hs(7),)
+    typed = router.prepare("SELECT * FROM orders WHERE user_id = $1", [20])  # int8 declared: other program
+    assert router.route_bind(typed, [struct.pack("!q", 7)], [1]).shards == (hs(7),)
