@@ -46,9 +46,9 @@ import asyncio
 import re
 import struct
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from parser.fanout import ROWS, FanoutPlan, Refusal, anonymous_functions, final_sql, plan_fanout, probe_sql
 from parser.fanout import rows_relation as _rows_relation
@@ -281,6 +281,34 @@ async def _answer(
     """Run one fan-out read on the client's behalf and send its answer and ReadyForQuery (none after
     a Flush); None if it never started (a block already failed)."""
     shards = sorted(set(multishard._shards_of(session, route)))
+
+    def start(servers: dict[int, ServerConnection], in_block: bool) -> _FanoutRead:
+        return _FanoutRead(session, servers, sql, in_block=in_block, bound=bound)
+
+    return await answer_read(session, shards, start, flushed)
+
+
+class ShardRead(Protocol):
+    """A read that answers the client from several shards' streams (`_FanoutRead`, union parts)."""
+
+    servers: dict[int, ServerConnection]
+    streams: dict[int, ShardStream]
+    broken: set[int]  # shards abandoned mid-result: their connections are closed
+
+    async def run(self) -> bool: ...
+
+
+R = TypeVar("R", bound=ShardRead)
+
+
+async def answer_read(
+    session: RoutedSession,
+    shards: list[int],
+    start: Callable[[dict[int, ServerConnection], bool], R],
+    flushed: bool,
+) -> R | None:
+    """Take the shards' connections (or the block's), run the read `start` makes within
+    query_timeout, and settle the block and the connections; None if a failed block refused it."""
     dist = session.distributed
     held = list(session.held)
     if dist is not None:
@@ -291,7 +319,7 @@ async def _answer(
         servers = {s: dist.servers[s] for s in shards}
     else:
         servers = await multishard.acquire(session, shards)
-    read = _FanoutRead(session, servers, sql, in_block=dist is not None or bool(held), bound=bound)
+    read = start(servers, dist is not None or bool(held))
     try:
         if dist is None and held:
             await multishard._replay_begin(servers, held)

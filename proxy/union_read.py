@@ -33,7 +33,7 @@ from proxy import fanout_read, multishard, prepared
 from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
 from router.merge import ShardError, ShardStream, drain
-from router.scatter import frame, query_timeout_error
+from router.scatter import frame
 
 if TYPE_CHECKING:
     from proxy.fanout_read import Bound
@@ -102,47 +102,12 @@ async def _answer(
     """Run the parts on their shards and send the answer and ReadyForQuery (none after a Flush); None
     if it never started (a block already failed)."""
     assert route.parts is not None
-    shards = sorted(s for s, _ in route.parts)
-    dist = session.distributed
-    held = list(session.held)
-    if dist is not None:
-        if dist.failed:
-            multishard._reply(session, backend.error_response("25P02", multishard._ABORTED), _FAILED)
-            return None
-        await multishard._join(session, dist, shards)
-        servers = {s: dist.servers[s] for s in shards}
-    else:
-        servers = await multishard.acquire(session, shards)
-    read = _UnionRead(session, servers, sql, dict(route.parts), bound)
-    try:
-        if dist is None and held:
-            await multishard._replay_begin(servers, held)
-        timeout = session.query_timeout
-        failed = await (asyncio.wait_for(read.run(), timeout) if timeout else read.run())
-    except TimeoutError:
-        if dist is None:
-            multishard.release(session, servers, broken=True)
-        raise query_timeout_error(
-            timeout, [s for s, st in read.streams.items() if not st.answered()] or read.servers
-        ) from None
-    except BaseException:
-        if dist is None:
-            multishard.release(session, servers, broken=True)
-        raise
-    if failed and flushed:
-        session.discard_until_sync = True  # PostgreSQL skips the client's messages up to its Sync
-    if dist is not None:
-        dist.failed = failed
-        status = _FAILED if failed else _IN_BLOCK
-    elif held:
-        session.distributed = multishard.DistributedTransaction(begin=held, servers=servers, failed=failed)
-        session.held = []
-        status = _FAILED if failed else _IN_BLOCK
-    else:
-        multishard.release(session, servers)
-        status = _IDLE
-    multishard._reply(session, b"", None if flushed else status)
-    return read
+    parts = dict(route.parts)
+
+    def start(servers: dict[int, ServerConnection], in_block: bool) -> _UnionRead:
+        return _UnionRead(session, servers, sql, parts, bound)
+
+    return await fanout_read.answer_read(session, sorted(parts), start, flushed)
 
 
 def _quote_ident(name: str) -> str:
@@ -166,6 +131,7 @@ class _UnionRead:
         default = session.default_shard
         self.lead_shard = default if default in servers else min(servers)
         self.streams: dict[int, ShardStream] = {}
+        self.broken: set[int] = set()  # never: every part is read to its end
         self.out: list[bytes] = []
         self.queued = 0
         self.parsed = False  # extended: the lead accepted the client's Parse
