@@ -73,7 +73,8 @@ def mentions_session_function(
     regex search, and this runs for every SELECT on the single-shard path.
     """
     text = bytes(sql[start:end]).translate(_ASCII_LOWER)
-    return b"set_config" in text or b"advisory_lock" in text
+    # find(), not `in`: bytes.__contains__ first tries the operand as an integer and raises inside.
+    return text.find(b"set_config") >= 0 or text.find(b"advisory_lock") >= 0
 
 
 def _param_key(raw: str) -> str:

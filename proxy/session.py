@@ -49,6 +49,11 @@ _SESSION_KEYWORDS = frozenset(
 )
 _FUNCTION_KEYWORDS = frozenset(b"SELECT WITH VALUES CALL".split())
 
+# Session effects by statement text, for Parse messages (`_effects_of`); cleared when full.
+_EFFECTS_SEEN: dict[bytes, tuple[SessionEffect, ...]] = {}
+_EFFECTS_SEEN_MAX = 4096
+_EFFECTS_SEEN_LONGEST = 2048
+
 _STARTUP, _AUTH, _READY, _CLOSED = range(4)
 _HIGH_WATER = 256 * 1024  # client bytes buffered while waiting for a server before reads pause
 
@@ -411,16 +416,19 @@ class ClientSession(asyncio.Protocol):
         return self._apply_effects(analyse_query(sql))
 
     def _effects_of(self, query: bytes) -> tuple[SessionEffect, ...]:
-        """Session effects of a statement being prepared, applied each time it is bound."""
-        keyword = leading_keyword(query)
-        if keyword in _SESSION_KEYWORDS or (
-            keyword in _FUNCTION_KEYWORDS and mentions_session_function(query)
-        ):
-            try:
-                return tuple(analyse_query(query.decode()))
-            except UnicodeDecodeError:
-                return ()
-        return ()
+        """Session effects of a statement being prepared, applied each time it is bound.
+
+        Drivers send the same unnamed Parse for every execution of a query, so the answer is kept
+        per query text (a pure function of it) instead of scanning the text again each time.
+        """
+        effects = _EFFECTS_SEEN.get(query)
+        if effects is None:
+            effects = _effects_of_query(query)
+            if len(query) <= _EFFECTS_SEEN_LONGEST:  # kept texts stay small: at most 4096 x 2 kB
+                if len(_EFFECTS_SEEN) >= _EFFECTS_SEEN_MAX:
+                    _EFFECTS_SEEN.clear()
+                _EFFECTS_SEEN[query] = effects
+        return effects
 
     def _apply_effects(self, effects: Iterable[SessionEffect]) -> bytes | None:
         """Track what statements about to run do to the session; a replacement Query, or None."""
@@ -892,6 +900,16 @@ class ClientSession(asyncio.Protocol):
             pool.release(server)
         else:
             pool.discard(server)
+
+
+def _effects_of_query(query: bytes) -> tuple[SessionEffect, ...]:
+    keyword = leading_keyword(query)
+    if keyword in _SESSION_KEYWORDS or (keyword in _FUNCTION_KEYWORDS and mentions_session_function(query)):
+        try:
+            return tuple(analyse_query(query.decode()))
+        except UnicodeDecodeError:
+            return ()
+    return ()
 
 
 def new_cancel_key() -> tuple[int, int]:
