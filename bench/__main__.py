@@ -24,6 +24,7 @@ from typing import Any
 from bench.report import SectionResult, evaluate_targets, format_table, to_json, write_chart, write_json
 from bench.sections import RUNNERS, SECTIONS, TITLES, Bench, Options, Skip
 from bench.servers import REPO_ROOT
+from proxy import native
 
 
 def parse_args(argv: list[str] | None) -> tuple[Options, list[str]]:
@@ -133,6 +134,9 @@ def collect_meta(opts: Options, sections: list[str], bench: Bench) -> dict[str, 
             else {"label": "PgBouncer: not found"}
         ),
         "pgshard_commit": commit + ("" if dirty in ("", "unknown") else " (uncommitted changes)"),
+        # The hot path runs compiled (proxy/native.py) unless pgshard was installed pure Python.
+        "pgshard_compiled": native.compiled_modules(),
+        "pgshard_stale_compiled": native.stale_modules(),
         "nofile_limit": list(resource.getrlimit(resource.RLIMIT_NOFILE)),
         "options": {
             "duration": opts.duration,

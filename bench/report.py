@@ -341,6 +341,18 @@ def format_table(meta: dict[str, Any], sections: dict[str, SectionResult], targe
         f"pool_size={opts.get('pool_size')}; {meta.get('pgbouncer', {}).get('label', 'PgBouncer: n/a')}, "
         f"{meta.get('postgres', '')}"
     )
+    compiled = meta.get("pgshard_compiled")
+    if compiled is not None:
+        lines.append(
+            f"pgshard hot path: compiled with mypyc ({len(compiled)} modules)"
+            if compiled
+            else "pgshard hot path: pure Python (not compiled; see proxy/native.py)"
+        )
+    if meta.get("pgshard_stale_compiled"):
+        lines.append(
+            f"warning: {', '.join(meta['pgshard_stale_compiled'])} changed after they were compiled: "
+            "the figures are of the old code (run `pip install -e .` again)"
+        )
     load = meta.get("loadavg_start")
     cpus = meta.get("cpus") or 1
     if load and load[0] > 0.5 * cpus:

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pooler.background import spawn
+from pooler.errors import PoolTimeout, ServerError
 from pooler.log import log
-from pooler.server_connection import ServerConnection, ServerError, ServerTarget, open_server_connection
+from pooler.server_connection import ServerConnection, ServerTarget, open_server_connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +28,6 @@ class PoolSettings:
     idle_timeout: float
     lifetime: float
     connect_timeout: float
-
-
-class PoolTimeout(ServerError):
-    """No server connection became free within query_wait_timeout."""
 
 
 class Pool:

@@ -12,11 +12,12 @@ import contextlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from pooler.pool import Pool
 
+from pooler.errors import ServerError
 from proxy.protocol import backend, frontend
 from proxy.protocol.auth import AuthError, ScramClient, md5_password
 from proxy.protocol.errors import ProtocolError
@@ -38,19 +39,6 @@ class ServerTarget:
         return f"{self.host}:{self.port}/{self.dbname}"
 
 
-class ServerError(Exception):
-    """The server refused us or broke: carries the fields a client should see (SQLSTATE first)."""
-
-    def __init__(self, sqlstate: str, message: str, fields: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-        self.message = message
-        self.fields = fields or {}
-
-
-_NO_POOL: Any = None
-
-
 class ServerSink(Protocol):
     """The client session linked to a server connection: it receives the server's bytes as they come."""
 
@@ -62,9 +50,10 @@ class ServerSink(Protocol):
 class ServerConnection(asyncio.Protocol):
     """One PostgreSQL backend. Linked to a session it is a pipe; unlinked it answers our own requests."""
 
+    pool: Pool  # set by the pool that opened it; a connection opened on its own has none
+
     def __init__(self, target: ServerTarget) -> None:
         self.target = target
-        self.pool: Pool = _NO_POOL  # set by the pool that opened it
         self.transport: asyncio.Transport | None = None
         self.sink: ServerSink | None = None
         self.backend_pid = 0

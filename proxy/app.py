@@ -11,12 +11,11 @@ import contextlib
 import resource
 import socket
 import ssl
-import weakref
 from typing import TYPE_CHECKING
 
 from pooler.pool import Pool, PoolSettings
 from pooler.server_connection import ServerTarget
-from proxy import janitor
+from proxy import janitor, native
 from proxy.config import Config
 from proxy.log import log
 
@@ -44,7 +43,7 @@ class ProxyApp:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.pools: dict[tuple[str, str, int], Pool] = {}
-        self.clients: weakref.WeakSet[ClientSession] = weakref.WeakSet()
+        self.clients: set[ClientSession] = set()
         self.client_count = 0
         self.pinned_clients = 0
         self.cancel_keys: dict[int, ClientSession] = {}
@@ -114,6 +113,7 @@ class ProxyApp:
         self.client_count += 1
 
     def client_disconnected(self, session: ClientSession) -> None:
+        self.clients.discard(session)
         self.client_count -= 1
         if session.user:
             log.info("client disconnected", peer=session.peer, user=session.user, database=session.database)
@@ -161,7 +161,16 @@ class ProxyApp:
                 backlog=4096,
             )
         self._janitor = loop.create_task(janitor.run(self))
-        log.info("listening", listen=general.listen, pool_mode=general.pool_mode, workers=general.workers)
+        log.info(
+            "listening",
+            listen=general.listen,
+            pool_mode=general.pool_mode,
+            workers=general.workers,
+            compiled=bool(native.compiled_modules()),
+        )
+        stale = native.stale_modules()
+        if stale:
+            log.warning("compiled modules are older than their sources; reinstall pgshard", modules=stale)
 
     async def stop(self) -> None:
         if self.server is not None:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from parser.statements import leading_words
 from pooler.background import spawn
-from pooler.pool import Pool, PoolTimeout
+from pooler.errors import PoolTimeout
+from pooler.pool import Pool
 from pooler.server_connection import ServerConnection, ServerError
 from proxy import multishard
 from proxy.log import log

@@ -30,6 +30,20 @@ from proxy.localpg import (
     remove_base_dir,
 )
 
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compiled hot-path modules shadow their sources: refuse to test code that is not the source."""
+    from proxy.native import stale_modules
+
+    stale = stale_modules()
+    if stale:
+        pytest.exit(
+            f"{', '.join(stale)} changed after they were compiled, so the tests would run the old code: "
+            "run `pip install -e .` again (or ./test.sh, which does)",
+            returncode=4,
+        )
+
+
 APP_USER = "app"
 APP_PASSWORD = "secret"
 APP_DB = "app"
