@@ -44,8 +44,13 @@ def compiled_modules() -> list[str]:
 
 
 def stale_modules() -> list[str]:
-    """Compiled modules whose source changed after the build: the compiled code is what runs."""
-    stale = []
+    """Compiled modules whose source changed after the build: the compiled code is what runs.
+
+    Only a source tree (an editable install) can be stale; an installed wheel is one build.
+    """
+    stale: list[str] = []
+    if not (_ROOT / "setup.py").exists():
+        return stale
     for path in HOT_PATH:
         source = _ROOT / path
         spec = importlib.util.find_spec(_module_name(path))
