@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from parser.statements import leading_words
 from pooler.background import spawn
@@ -34,10 +34,22 @@ if TYPE_CHECKING:
     from router.routing import PreparedRoute, Route, Router
 
 _from_bytes = int.from_bytes
-_Q, _P, _B, _D, _E, _C, _H, _S, _X = b"QPBDECHSX"
-_EXTENDED = frozenset(b"PBDECHS")
-_COPY_MESSAGES = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
-_IDLE, _IN_BLOCK, _FAILED = 0x49, 0x54, 0x45
+# Message types (protocol 55.7). Final: the compiled relay compares with C constants, not globals.
+_Q: Final = 0x51  # Query
+_P: Final = 0x50  # Parse
+_B: Final = 0x42  # Bind
+_D: Final = 0x44  # Describe
+_E: Final = 0x45  # Execute
+_C: Final = 0x43  # Close
+_H: Final = 0x48  # Flush
+_S: Final = 0x53  # Sync
+_X: Final = 0x58  # Terminate
+_EXTENDED: Final = frozenset(b"PBDECHS")
+_COPY_MESSAGES: Final = frozenset(b"dcf")  # CopyData, CopyDone, CopyFail
+# Transaction status of ReadyForQuery.
+_IDLE: Final = 0x49
+_IN_BLOCK: Final = 0x54
+_FAILED: Final = 0x45
 
 # Transaction control and the tag PostgreSQL answers it with (CommandComplete).
 _BEGIN_TAGS = {"BEGIN": b"BEGIN", "START": b"START TRANSACTION"}

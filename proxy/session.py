@@ -17,7 +17,7 @@ import dataclasses
 import secrets
 from collections import deque
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from parser.session_statements import Effect, SessionEffect, analyse_query, mentions_session_function
 from parser.statements import has_more_statements, leading_keyword
@@ -29,7 +29,7 @@ from proxy.log import log
 from proxy.login import LoginFailed, authenticate
 from proxy.protocol import backend, frontend
 from proxy.protocol.errors import ProtocolError
-from proxy.protocol.framing import startup_packet_length
+from proxy.protocol.framing import int32_at, startup_packet_length
 from proxy.varcache import SessionState
 
 if TYPE_CHECKING:
@@ -37,25 +37,41 @@ if TYPE_CHECKING:
 
 _from_bytes = int.from_bytes
 
-# Message types (protocol 55.7).
-_Q, _P, _B, _D, _C, _S, _F, _X, _H, _E = b"QPBDCSFXHE"
-_Z, _PARSE_COMPLETE, _CLOSE_COMPLETE, _ERROR, _COMMAND_COMPLETE = b"Z13EC"
-_SYNCING = frozenset((_S, _F))  # answered by exactly one ReadyForQuery each (as is Query)
+# Message types (protocol 55.7). Final: the compiled relay compares with C constants, not globals.
+_Q: Final = 0x51  # Query
+_P: Final = 0x50  # Parse
+_B: Final = 0x42  # Bind
+_D: Final = 0x44  # Describe
+_C: Final = 0x43  # Close
+_S: Final = 0x53  # Sync
+_F: Final = 0x46  # FunctionCall
+_X: Final = 0x58  # Terminate
+_H: Final = 0x48  # Flush
+_E: Final = 0x45  # Execute
+_Z: Final = 0x5A  # ReadyForQuery
+_PARSE_COMPLETE: Final = 0x31
+_CLOSE_COMPLETE: Final = 0x33
+_ERROR: Final = 0x45  # ErrorResponse
+_COMMAND_COMPLETE: Final = 0x43
 
 # Leading keywords whose statements may change session state, pin the client or open a block.
-_SESSION_KEYWORDS = frozenset(
+_SESSION_KEYWORDS: Final = frozenset(
     b"SET RESET DISCARD DEALLOCATE LISTEN PREPARE CREATE DECLARE LOAD BEGIN START SAVEPOINT RELEASE ROLLBACK"
     b"".split()
 )
-_FUNCTION_KEYWORDS = frozenset(b"SELECT WITH VALUES CALL".split())
+_FUNCTION_KEYWORDS: Final = frozenset(b"SELECT WITH VALUES CALL".split())
 
 # Session effects by statement text, for Parse messages (`_effects_of`); cleared when full.
-_EFFECTS_SEEN: dict[bytes, tuple[SessionEffect, ...]] = {}
-_EFFECTS_SEEN_MAX = 4096
-_EFFECTS_SEEN_LONGEST = 2048
+_EFFECTS_SEEN: Final[dict[bytes, tuple[SessionEffect, ...]]] = {}
+_EFFECTS_SEEN_MAX: Final = 4096
+_EFFECTS_SEEN_LONGEST: Final = 2048
 
-_STARTUP, _AUTH, _READY, _CLOSED = range(4)
-_HIGH_WATER = 256 * 1024  # client bytes buffered while waiting for a server before reads pause
+# Phases of a session.
+_STARTUP: Final = 0
+_AUTH: Final = 1
+_READY: Final = 2
+_CLOSED: Final = 3
+_HIGH_WATER: Final = 256 * 1024  # client bytes buffered while waiting for a server before reads pause
 
 
 class ClientSession(asyncio.Protocol):
@@ -330,13 +346,13 @@ class ClientSession(asyncio.Protocol):
         max_length = self.max_message
         while n - pos >= 5:
             msg_type = data[pos]
-            length = _from_bytes(data[pos + 1 : pos + 5], "big")
+            length = int32_at(data, pos + 1)
             if length < 4 or length > max_length:
                 raise ProtocolError(f"invalid message length {length} for message type {chr(msg_type)!r}")
             end = pos + 1 + length
             if end > n:
                 break
-            if msg_type in _SYNCING:
+            if msg_type in (_S, _F):  # answered by one ReadyForQuery each, as is Query
                 self.sent_syncs += 1
                 self.unsynced = False
                 if self.follow_up is not None:
@@ -376,7 +392,7 @@ class ClientSession(asyncio.Protocol):
 
     def _pass_message(self, msg_type: int, message: bytes, out: list[bytes]) -> None:
         """One client message bound for the linked server: bookkeeping, renaming, and what to send."""
-        if msg_type in _SYNCING:
+        if msg_type in (_S, _F):  # answered by one ReadyForQuery each, as is Query
             self.sent_syncs += 1
             self.unsynced = False
             out.append(message)
@@ -560,7 +576,7 @@ class ClientSession(asyncio.Protocol):
         while pos < n:
             if data[pos] != _P or n - pos < 5:
                 return False
-            end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+            end = pos + 1 + int32_at(data, pos + 1)
             if end > n or data[pos + 5] == 0:
                 return False
             name, stmt = self._prepared_from_parse(data[pos + 5 : end])
@@ -578,7 +594,7 @@ class ClientSession(asyncio.Protocol):
         """After a failure to get a server, drop the client's messages up to its Sync, as PostgreSQL does."""
         pos, n = 0, len(data)
         while n - pos >= 5:
-            length = _from_bytes(data[pos + 1 : pos + 5], "big")
+            length = int32_at(data, pos + 1)
             end = pos + 1 + length
             if end > n:
                 break
@@ -704,7 +720,7 @@ class ClientSession(asyncio.Protocol):
                 n = pos
                 break
             msg_type = data[pos]
-            end = pos + 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+            end = pos + 1 + int32_at(data, pos + 1)
             drop = False
             ready = False
             ours = False  # the ReadyForQuery of a query pgshard added: state is not the client's
@@ -789,7 +805,7 @@ class ClientSession(asyncio.Protocol):
                 if msg_type == _ERROR or ready >= 0:
                     return False  # the full path notes the failure / splits the replies
                 ready = pos
-            pos += 1 + _from_bytes(data[pos + 1 : pos + 5], "big")
+            pos += 1 + int32_at(data, pos + 1)
         if pos != n or (ready >= 0 and ready + 6 != n):
             return False  # a message split across chunks, or something after the ReadyForQuery
         if unnamed_parse and (ready < 0 or self.done_syncs + 1 != self.sent_syncs):
