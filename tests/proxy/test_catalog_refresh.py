@@ -49,7 +49,9 @@ async def test_a_later_failed_read_keeps_what_was_known() -> None:
 
 def test_the_interval_must_be_positive() -> None:
     text = '[general]\ncatalog_refresh_interval = 0\n\n[[users]]\nname = "app"\npassword = "x"\n\n'
-    text += '[[databases]]\nname = "app"\n\n[[databases.shards]]\nprimary = "postgresql://app@localhost/app"\n'
+    text += (
+        '[[databases]]\nname = "app"\n\n[[databases.shards]]\nprimary = "postgresql://app@localhost/app"\n'
+    )
     with pytest.raises(ConfigError, match="catalog_refresh_interval: must be a positive number"):
         parse_config(text)
     assert parse_config(text.replace("= 0\n", "= 60\n", 1)).general.catalog_refresh_interval == 60
